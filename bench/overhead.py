@@ -1,0 +1,102 @@
+"""Overhead of ultraloop's loop against a hand-written PyTorch loop doing the same work, in one process.
+
+Each case builds both sides from the same seed (same model, optimiser, data and loader), then alternates
+timed epochs (train + valid) between them, so drift in the machine hits both alike, and prints the median
+ratio ultraloop / hand-written. Run: `python bench/overhead.py [--epochs 15] [--n 64000] [--threads 1]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ultraloop as U  # noqa: E402
+
+LR = 0.05
+
+
+def make_data(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    nv = n // 5
+    x = torch.randn(n + nv, 1, 28, 28, generator=g)
+    y = (x.flatten(1) @ torch.randn(784, 10, generator=g)).argmax(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+def hand_written(data, bs):
+    """The bar: the loop a careful user writes by hand, over the same in-memory loaders."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0)
+
+    def epoch():
+        for training, dl in ((True, dls.train), (False, dls.valid)):
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                for x, y in dl:
+                    loss = F.cross_entropy(model(x), y)
+                    if training:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+    return epoch
+
+
+def ultraloop_core(data, bs):
+    torch.manual_seed(0)
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0)
+    learn = U.TrainLearner(tiny_model(), dls, loss_func=F.cross_entropy, lr=LR, cbs=[U.DeviceCB('cpu')])
+    return lambda: learn.fit(1)
+
+
+CASES = {'core': (hand_written, ultraloop_core)}
+
+
+def interleaved(a, b, epochs: int) -> tuple[float, float, float]:
+    a(); b()  # warm-up
+    ta, tb, ratios = [], [], []
+    for _ in range(epochs):
+        for f, ts in ((a, ta), (b, tb)):
+            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+        ratios.append(tb[-1] / ta[-1])
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--epochs', type=int, default=15)
+    p.add_argument('--n', type=int, default=64000)
+    p.add_argument('--bs', type=int, default=64)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--cases', default=','.join(CASES))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    data = make_data(a.n)
+    n_batches = -(-a.n // a.bs) + -(-(a.n // 5) // a.bs)
+    for name in a.cases.split(','):
+        hand, ours = CASES[name]
+        th, tu, r = interleaved(hand(data, a.bs), ours(data, a.bs), a.epochs)
+        print(json.dumps({'case': name, 'hand_us_per_batch': round(th / n_batches * 1e6, 1),
+                          'ultraloop_us_per_batch': round(tu / n_batches * 1e6, 1), 'median_ratio': round(r, 3),
+                          'threads': a.threads, 'bs': a.bs, 'n': a.n, 'torch': torch.__version__,
+                          'machine': f'{platform.machine()} {platform.processor() or ""}'.strip(),
+                          'date': date.today().isoformat()}), flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,336 @@
+"""The training loop: one `Learner` whose fit -> epoch -> batch you can read top to bottom; everything else is a callback."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn, optim
+from torch.nn import functional as F
+
+__all__ = ['EVENTS', 'STEP_METHODS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+           'CancelStepException', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
+
+# Every event, in the order a fit meets it, with what is true when it fires. The single list the loop,
+# the typo check, TraceCB and show_training_loop() read.
+EVENTS: dict[str, str] = {
+    'before_fit': 'fit starts: learn.opt exists, learn.n_epochs is set, no batch has run',
+    'before_epoch': 'a train or valid phase starts: learn.epoch, learn.dl and learn.training are set',
+    'before_batch': 'learn.batch holds the next batch (learn.iter its index): move or transform it here',
+    'after_predict': 'learn.preds is set',
+    'after_loss': 'learn.loss is set; in training, what learn.loss holds now is what backward differentiates',
+    'after_backward': 'gradients are in .grad; learn.loss is again the value get_loss set (train only)',
+    'after_step': 'the optimiser has stepped (train only)',
+    'after_batch': 'the batch is done: in training zero_grad has run',
+    'cleanup_batch': 'always, after the batch ends, is cancelled or fails',
+    'after_epoch': 'the phase is done (not reached when it was cancelled or failed)',
+    'cleanup_epoch': 'always, after the phase ends, is cancelled or fails',
+    'after_fit': 'every epoch is done (not reached when fit was cancelled or failed)',
+    'cleanup_fit': 'always, last: after fit ends, is cancelled or fails',
+}
+# The step methods: each comes from exactly one provider, a callback that defines it or else the Learner itself.
+STEP_METHODS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
+_TRAIN_ONLY_STEPS = ('backward', 'step', 'zero_grad')
+_EVENT_PREFIXES = ('before_', 'after_', 'cleanup_')
+
+
+class CancelFitException(Exception):
+    """Raise in a callback to end `fit` early: `after_fit` is skipped, `cleanup_fit` runs, `fit` returns normally."""
+
+
+class CancelEpochException(Exception):
+    """Raise in a callback to end the current train or valid phase: `after_epoch` is skipped, `cleanup_epoch` runs."""
+
+
+class CancelBatchException(Exception):
+    """Raise in a callback to skip the rest of the current batch and its `after_batch`; `cleanup_batch` runs."""
+
+
+class CancelStepException(Exception):
+    """Raise in `after_backward` to skip this batch's `step()`, `after_step` and `zero_grad()`: the gradients stay,
+    so the next backward adds to them (gradient accumulation). `after_batch` still runs, so metrics see the batch."""
+
+
+class Callback:
+    """Base class for callbacks. A hook is a method named after an event (see `EVENTS`) taking the learner;
+    a step method (`predict`, `get_loss`, `backward`, `step`, `zero_grad`) replaces the Learner's own.
+    Callbacks run sorted by `order`, ties in the order they were added."""
+    order = 0
+
+    @property
+    def name(self) -> str: return type(self).__name__
+
+    def __repr__(self) -> str: return f'{self.name}()'
+
+
+def _order(cb) -> float: return getattr(cb, 'order', 0)
+
+
+def _check_callback(cb) -> None:
+    """Refuse a class passed for an instance, and any method that looks like an event but is not one (a typo)."""
+    if isinstance(cb, type):
+        raise TypeError(f'got the class {cb.__name__} as a callback; pass an instance: {cb.__name__}()')
+    for nm in dir(cb):
+        if nm.startswith(_EVENT_PREFIXES) and nm not in EVENTS and callable(getattr(cb, nm, None)):
+            close = difflib.get_close_matches(nm, EVENTS, n=1, cutoff=0.5)
+            hint = f'did you mean {close[0]!r}?' if close else f'events are: {", ".join(EVENTS)}.'
+            raise ValueError(f'{type(cb).__name__}.{nm} is not an event, so it would never run: {hint} '
+                             f'(name helper methods without a before_/after_/cleanup_ prefix)')
+
+
+def _as_cbs(cbs) -> list:
+    if cbs is None: return []
+    if isinstance(cbs, (str, bytes, Mapping)) or not isinstance(cbs, Iterable): return [cbs]
+    return list(cbs)
+
+
+class Learner:
+    """Fits `model` on `dls` with callbacks.
+
+    Attributes callbacks may read (r) or write (w):
+      model (rw), dls (r), loss_func (r), lr (r), opt (rw: created at fit start from opt_func), opt_func (r),
+      cbs (r: change it with add_cb / rm_cb), n_epochs, epochs (r), epoch (r), training (r: model.training),
+      dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw).
+    The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
+    or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`.
+    """
+
+    def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
+                 cbs=None, opt_func: Callable | None = optim.SGD):
+        self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
+        self.opt = None
+        self._opt_params: list[int] = []
+        self.cbs: list = []
+        self.add_cbs(_as_cbs(cbs))
+
+    # ---- callbacks -------------------------------------------------------------------------------------
+    def add_cbs(self, cbs) -> Learner:
+        cbs = _as_cbs(cbs)
+        for cb in cbs: _check_callback(cb)
+        for cb in cbs:
+            if any(cb is o for o in self.cbs):
+                raise ValueError(f'{cb!r} is already in learn.cbs; pass a new instance to run it twice')
+        self.cbs.extend(cbs)
+        self._update_cbs()
+        return self
+
+    def add_cb(self, cb) -> Learner: return self.add_cbs([cb])
+
+    def rm_cbs(self, cbs) -> Learner:
+        for cb in _as_cbs(cbs):
+            i = next((i for i, o in enumerate(self.cbs) if o is cb), None)
+            if i is None: raise ValueError(f'{cb!r} is not in learn.cbs, so it cannot be removed')
+            del self.cbs[i]
+        self._update_cbs()
+        return self
+
+    def rm_cb(self, cb) -> Learner: return self.rm_cbs([cb])
+
+    def _update_cbs(self) -> None:
+        """Rebuild the sorted table of who handles which event, and bind the callback-provided step methods.
+        Runs when the callback list changes and at fit start; never per event."""
+        ordered = sorted(self.cbs, key=_order)  # stable: ties keep the order they were added in
+        self._handlers = {ev: tuple(m for cb in ordered if (m := getattr(cb, ev, None)) is not None) for ev in EVENTS}
+        self._step_conflicts = {}
+        for nm in STEP_METHODS:
+            self.__dict__.pop(nm, None)
+            providers = [cb for cb in ordered if callable(getattr(cb, nm, None))]
+            if len(providers) > 1: self._step_conflicts[nm] = providers
+            elif providers: setattr(self, nm, _BoundStep(getattr(providers[0], nm), self))
+
+    def callback(self, event: str) -> None:
+        """Run every callback's handler for `event`, in order."""
+        try: handlers = self._handlers[event]
+        except KeyError:
+            hint = f'call learn.{event}() instead' if event in STEP_METHODS else f'events are: {", ".join(EVENTS)}'
+            raise ValueError(f'{event!r} is not an event; {hint}') from None
+        for f in handlers: f(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached when normal lookup fails: turns a missing step method into an error that says what to do
+        if name in STEP_METHODS:
+            raise AttributeError(f'{type(self).__name__} has no {name}() and no callback provides one: '
+                                 f'add TrainCB() to cbs or subclass TrainLearner')
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    @property
+    def training(self) -> bool: return self.model.training
+
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None) -> None:
+        """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
+        `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with."""
+        self._check_fit_args(n_epochs, train, valid, lr)
+        cbs = _as_cbs(cbs)
+        self.add_cbs(cbs)
+        try:
+            self._update_cbs()  # a callback's order may have changed since it was added
+            self._check_steps(train)
+            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
+            self._prepare_opt(self.lr if lr is None else lr)
+            self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)
+        finally:
+            if cbs: self.rm_cbs(cbs)
+
+    def _do_fit(self, train: bool, valid: bool) -> None:
+        for self.epoch in self.epochs:
+            if train: self.one_epoch(True)
+            if valid:
+                with torch.no_grad(): self.one_epoch(False)
+
+    def one_epoch(self, training: bool) -> None:
+        self.model.train(training)
+        self.dl = self.dls.train if training else self.dls.valid
+        self._with_events(self._do_epoch, 'before_epoch', 'after_epoch', 'cleanup_epoch', CancelEpochException)
+
+    def _do_epoch(self) -> None:
+        for self.iter, self.batch in enumerate(self.dl):
+            if self.iter == 0: self._check_batch()
+            self._one_batch()
+
+    def _one_batch(self) -> None:
+        cb = self.callback
+        try:
+            cb('before_batch')
+            self.predict()
+            cb('after_predict')
+            self.get_loss()
+            if self.iter == 0: self._check_loss()
+            loss = self.loss
+            cb('after_loss')
+            if self.training:
+                self.backward()
+                self.loss = loss  # what after_loss scaled was for backward only; metrics see get_loss's value
+                try:
+                    cb('after_backward')
+                    self.step()
+                    cb('after_step')
+                    self.zero_grad()
+                except CancelStepException: pass
+            cb('after_batch')
+        except CancelBatchException: pass
+        finally: cb('cleanup_batch')
+
+    def _with_events(self, f, before: str, after: str, cleanup: str, cancel: type[Exception], *args) -> None:
+        try:
+            self.callback(before)
+            f(*args)
+            self.callback(after)
+        except cancel: pass
+        finally: self.callback(cleanup)
+
+    # ---- checks made before any batch runs ------------------------------------------------------------------
+    def _check_fit_args(self, n_epochs, train, valid, lr) -> None:
+        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int):
+            raise TypeError(f'n_epochs must be an int, got {type(n_epochs).__name__} {n_epochs!r}')
+        if n_epochs < 0: raise ValueError(f'n_epochs must be >= 0, got {n_epochs}')
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
+            raise ValueError(f'lr must be a number >= 0, got {lr!r}')
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f'model must be a torch.nn.Module, got {type(self.model).__name__}')
+        for phase, wanted in (('train', train), ('valid', valid)):
+            if wanted and not hasattr(self.dls, phase):
+                raise TypeError(f'dls has no .{phase} ({type(self.dls).__name__} given): wrap your loaders as '
+                                f'DataLoaders(train_dl, valid_dl), or pass {phase}=False to fit')
+
+    def _check_steps(self, train: bool) -> None:
+        for nm, providers in self._step_conflicts.items():
+            names = ' and '.join(repr(cb) for cb in providers)
+            raise ValueError(f'{names} both define {nm}(); a step method needs exactly one provider: remove one, '
+                             f'or move the other\'s work into an event such as after_loss or after_backward')
+        needed = STEP_METHODS if train else ('predict', 'get_loss')
+        for nm in needed:
+            if not hasattr(self, nm):
+                raise AttributeError(f'{type(self).__name__} has no {nm}() and no callback provides one: '
+                                     f'add TrainCB() to cbs or subclass TrainLearner')
+
+    def _check_batch(self) -> None:
+        b = self.batch
+        if not isinstance(b, (list, tuple, Mapping)):
+            phase = 'train' if self.training else 'valid'
+            raise TypeError(f'dls.{phase} yielded a {type(b).__name__}; a batch must be a list or tuple (x, y, ...) '
+                            f'or a dict: build loaders with DataLoaders.from_tensors(x, y, ...) or yield (x, y)')
+
+    def _check_loss(self) -> None:
+        loss = self.loss
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f'get_loss set learn.loss to a {type(loss).__name__}; it must be a scalar tensor: '
+                            f'return loss_func(preds, y) as a tensor, not a Python number')
+        if loss.ndim != 0:
+            raise ValueError(f'learn.loss has shape {tuple(loss.shape)}; it must be a scalar: use a loss_func that '
+                             f"reduces (reduction='mean') or call .mean() on it")
+
+    def _prepare_opt(self, lr: float) -> None:
+        """Create the optimiser on the first fit (or when the model's parameters changed); later fits keep its state
+        (momentum, Adam moments) and start every group at `lr`. With opt_func=None the user owns learn.opt."""
+        if not self.opt_func: return
+        ids = [id(p) for p in self.model.parameters()]
+        if self.opt is None or ids != self._opt_params:
+            self.opt = self.opt_func(self.model.parameters(), lr)
+            self._opt_params = ids
+        else:
+            for g in self.opt.param_groups: g['lr'] = lr
+
+    # ---- debugging ------------------------------------------------------------------------------------------
+    def show_training_loop(self) -> None:
+        """Print the loop's events in order with the callbacks that run at each, and who provides each step."""
+        print(self._training_loop_text())
+
+    def _training_loop_text(self) -> str:
+        self._update_cbs()
+        depth = {'fit': 0, 'epoch': 1, 'batch': 2}
+
+        def indent(ev):
+            lvl = ev.split('_', 1)[1]
+            return '  ' * (depth[lvl] if lvl in depth else 3)
+
+        def provider(nm):
+            if nm in self._step_conflicts: return 'CONFLICT: ' + ', '.join(map(repr, self._step_conflicts[nm]))
+            f = self.__dict__.get(nm)
+            if isinstance(f, _BoundStep): return repr(f.cb_self)
+            return f'{type(self).__name__}.{nm}' if hasattr(type(self), nm) else 'MISSING (add TrainCB())'
+
+        steps_after = {'after_predict': 'predict', 'after_loss': 'get_loss', 'after_backward': 'backward',
+                       'after_step': 'step', 'after_batch': 'zero_grad'}
+        lines = []
+        for ev in EVENTS:
+            if ev in steps_after:
+                nm = steps_after[ev]
+                lines.append(f'{"      "}{nm}() -> {provider(nm)}')
+            names = ', '.join(repr(getattr(f, '__self__', f)) for f in self._handlers[ev])
+            lines.append(f'{indent(ev)}{ev}: {names or "-"}')
+        return '\n'.join(lines)
+
+
+class _BoundStep:
+    """A callback's step method bound to the learner, so `learn.step()` calls `cb.step(learn)`."""
+    __slots__ = ('f', 'learn')
+
+    def __init__(self, f, learn): self.f, self.learn = f, learn
+
+    def __call__(self): return self.f(self.learn)
+
+    @property
+    def cb_self(self): return getattr(self.f, '__self__', self.f)
+
+
+class TrainLearner(Learner):
+    """A Learner with the plain supervised step: batch is (x, y, ...)."""
+    def predict(self): self.preds = self.model(self.batch[0])
+    def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
+    def backward(self): self.loss.backward()
+    def step(self): self.opt.step()
+    def zero_grad(self): self.opt.zero_grad()
+
+
+class MomentumLearner(TrainLearner):
+    """The seed's momentum by hand: instead of zeroing, gradients decay by `mom` and keep accumulating."""
+    def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
+                 cbs=None, opt_func: Callable | None = optim.SGD, mom: float = 0.85):
+        self.mom = mom
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+
+    def zero_grad(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads: torch._foreach_mul_(grads, self.mom)
