@@ -88,3 +88,9 @@ class DataLoaders:
         `device` keeps the data there (e.g. 'cuda' when it fits in GPU memory)."""
         return cls(TensorLoader(x_train, y_train, bs=bs, shuffle=shuffle, device=device, seed=seed),
                    TensorLoader(x_valid, y_valid, bs=bs, shuffle=False, device=device))
+
+
+# Bundled and on-disk datasets live in their own module; re-exported so `ultraloop.data.digits()` works.
+from .datasets import digits, fashion_mnist  # noqa: E402
+
+__all__ += ['digits', 'fashion_mnist']

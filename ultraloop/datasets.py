@@ -1,0 +1,105 @@
+"""Data that needs no network: scikit-learn's bundled digits, and FashionMNIST read from its standard IDX files."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ['digits', 'fashion_mnist', 'read_idx', 'FASHION_MNIST_FILES']
+
+# The four files of the FashionMNIST distribution (zalandoresearch/fashion-mnist, data/fashion), in the order
+# fashion_mnist() returns them: train images, train labels, test images, test labels.
+FASHION_MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
+                       't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
+_IDX_UBYTE = 0x08  # IDX type code for unsigned bytes; the magic number is 0x0000 <type> <number of dimensions>
+
+
+def _normalise(x: torch.Tensor, top: float) -> torch.Tensor:
+    """Pixels in [0, top] to [-1, 1]: the seed's Normalize((0.5,), (0.5,)) after ToTensor()."""
+    return (x.float() / top - 0.5) / 0.5
+
+
+def digits(valid_pct: float = 0.2, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), no download.
+
+    Returns `(x_train, y_train, x_valid, y_valid)`: x float32 of shape (N, 1, 8, 8) scaled to [-1, 1], y int64;
+    a `valid_pct` share of a permutation seeded with `seed` is held out. `DataLoaders.from_tensors(*digits())`.
+    """
+    if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
+        raise ValueError(f'valid_pct must be a fraction between 0 and 1, e.g. 0.2; got {valid_pct!r}')
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError('digits() needs scikit-learn: pip install scikit-learn (or ultraloop[demo])') from None
+    d = load_digits()
+    x = _normalise(torch.from_numpy(d.images).unsqueeze(1), 16.0)  # pixels are counts 0..16
+    y = torch.from_numpy(d.target).long()
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_valid = round(len(x) * valid_pct)
+    tr, va = idx[n_valid:], idx[:n_valid]
+    return x[tr], y[tr], x[va], y[va]
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read one IDX file of unsigned bytes (`.gz` or not) into a uint8 tensor shaped as its header says.
+    A wrong magic number or a size that disagrees with the header is a ValueError naming the file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == '.gz' else open
+    try:
+        with opener(path, 'rb') as f: data = f.read()
+    except (OSError, EOFError) as e:  # gzip raises OSError/EOFError on a damaged or truncated archive
+        raise ValueError(f'{path} cannot be read as an IDX file ({e}); download it again') from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE or not 1 <= data[3] <= 4:
+        raise ValueError(f'{path} is not an IDX file of unsigned bytes (magic number {data[:4].hex() or "missing"}, '
+                         f'expected 0000080N); check that the file is the one its name says')
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header: raise ValueError(f'{path} is truncated: its header is incomplete; download it again')
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+    n = 1
+    for s in shape: n *= s
+    if len(data) - header != n:
+        raise ValueError(f'{path} holds {len(data) - header} bytes of data but its header says {shape} '
+                         f'({n} bytes); the file is damaged or truncated: download it again')
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find(root: Path, name: str) -> Path | None:
+    """The file `name` in root or torchvision's root/FashionMNIST/raw, gzipped or not."""
+    plain = name.removesuffix('.gz')
+    for folder in (root, root / 'FashionMNIST' / 'raw'):
+        for nm in (name, plain):
+            if (folder / nm).is_file(): return folder / nm
+    return None
+
+
+def fashion_mnist(root: str | os.PathLike = 'data') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FashionMNIST from its four standard IDX files in `root` or in torchvision's `root/FashionMNIST/raw`
+    (`.gz` or uncompressed). Never downloads.
+
+    Returns `(x_train, y_train, x_valid, y_valid)` (valid is the t10k test set): x float32 of shape (N, 1, 28, 28)
+    normalised like the seed, (x / 255 - 0.5) / 0.5, y int64. Missing files are a FileNotFoundError saying which
+    files to put where; damaged ones a ValueError.
+    """
+    root = Path(root)
+    found = [_find(root, nm) for nm in FASHION_MNIST_FILES]
+    missing = [nm for nm, p in zip(FASHION_MNIST_FILES, found) if p is None]
+    if missing:
+        raise FileNotFoundError(f'FashionMNIST files not found: {", ".join(missing)}; put the four IDX files '
+                                f'({", ".join(FASHION_MNIST_FILES)}, from github.com/zalandoresearch/fashion-mnist, '
+                                f'data/fashion) in {root}/ or {root / "FashionMNIST" / "raw"}/')
+    out = []
+    for (img_path, lbl_path) in ((found[0], found[1]), (found[2], found[3])):
+        imgs, lbls = read_idx(img_path), read_idx(lbl_path)
+        if imgs.ndim != 3 or imgs.shape[1:] != (28, 28):
+            raise ValueError(f'{img_path} holds images of shape {tuple(imgs.shape[1:])}, expected 28x28: '
+                             f'it is not a FashionMNIST image file')
+        if lbls.ndim != 1 or len(lbls) != len(imgs):
+            raise ValueError(f'{lbl_path} holds {len(lbls)} labels for the {len(imgs)} images of {img_path}; '
+                             f'each split needs one label per image: use files from the same release')
+        if len(lbls) and int(lbls.max()) > 9:
+            raise ValueError(f'{lbl_path} has label {int(lbls.max())}; FashionMNIST labels are 0..9')
+        out += [_normalise(imgs.unsqueeze(1), 255.0), lbls.long()]
+    return tuple(out)
