@@ -108,8 +108,8 @@ class Learner:
     def add_cbs(self, cbs) -> Learner:
         cbs = _as_cbs(cbs)
         for cb in cbs: _check_callback(cb)
-        for cb in cbs:
-            if any(cb is o for o in self.cbs):
+        for i, cb in enumerate(cbs):
+            if any(cb is o for o in [*self.cbs, *cbs[:i]]):
                 raise ValueError(f'{cb!r} is already in learn.cbs; pass a new instance to run it twice')
         self.cbs.extend(cbs)
         self._update_cbs()

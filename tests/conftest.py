@@ -1,0 +1,25 @@
+"""Shared test helpers: tiny learnable data and models, made in the test, no downloads."""
+import pytest
+import torch
+from torch import nn
+
+
+def toy_data(n_train=64, n_valid=32, n_in=8, n_out=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_valid, n_in, generator=g)
+    y = (x @ torch.randn(n_in, n_out, generator=g)).argmax(1)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def toy_model(n_in=8, n_out=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, 16), nn.ReLU(), nn.Linear(16, n_out))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small models: threads only add noise; keeps CI on 2 cores steady
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
