@@ -277,6 +277,12 @@ class Learner:
         """Print the loop's events in order with the callbacks that run at each, and who provides each step."""
         print(self._training_loop_text())
 
+    def summary(self, batch=None, input_shape: tuple[int, ...] | None = None):
+        """Each layer's name, type, input and output shape, parameters and MFLOPs, from one forward without side
+        effects (see `ultraloop.summary.model_summary`); shows as a table."""
+        from .summary import model_summary
+        return model_summary(self, batch=batch, input_shape=input_shape)
+
     def _training_loop_text(self) -> str:
         self._update_cbs()
         depth = {'fit': 0, 'epoch': 1, 'batch': 2}
@@ -300,7 +306,20 @@ class Learner:
                 lines.append(f'{"      "}{nm}() -> {provider(nm)}')
             names = ', '.join(repr(getattr(f, '__self__', f)) for f in self._handlers[ev])
             lines.append(f'{indent(ev)}{ev}: {names or "-"}')
+        hooks = _installed_hooks(self.model) if isinstance(self.model, nn.Module) else {}
+        if hooks: lines += ['hooks:', *(f'  {who} on {", ".join(where)}' for who, where in hooks.items())]
         return '\n'.join(lines)
+
+
+def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:
+    """The forward hooks on the model's modules, grouped by who installed them (a Hook's `owner`, else the function)."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        for fn in m._forward_hooks.values():
+            owner = getattr(getattr(fn, '__self__', None), 'owner', None)
+            who = repr(owner) if owner is not None else getattr(fn, '__qualname__', repr(fn))
+            found.setdefault(who, []).append(f'{name or "model"} ({type(m).__name__})')
+    return found
 
 
 class _BoundStep:

@@ -1,0 +1,188 @@
+"""Model summary: each layer's name, type, shapes, parameters and approximate MFLOPs, from one forward without side effects."""
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .callbacks.hooks import Hooks
+from .data import to_device
+
+__all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
+
+# Layers that only move or drop data: counted as 0 FLOPs.
+_FREE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+         nn.Embedding)
+
+
+@dataclass
+class LayerInfo:
+    """One row of the summary: a call of a leaf module (or of a module holding parameters itself)."""
+    name: str
+    type: str
+    in_shape: tuple | list | None
+    out_shape: tuple | list | None
+    params: int
+    mflops: float  # per sample, approximate
+
+
+def _shape(x):
+    if isinstance(x, torch.Tensor): return tuple(x.shape)
+    if isinstance(x, (list, tuple)):
+        shapes = [s for s in map(_shape, x) if s is not None]
+        return shapes[0] if len(shapes) == 1 else shapes or None
+    return None
+
+
+def _fmt_shape(s) -> str:
+    if s is None: return '-'
+    if isinstance(s, tuple): return 'x'.join(map(str, s)) if s else 'scalar'
+    return '[' + ', '.join(map(_fmt_shape, s)) + ']'
+
+
+def _flops(m: nn.Module, inp, outp) -> int:
+    """FLOPs of one call over the whole batch: multiply-adds count 2; conv and linear exact (bias ignored),
+    parameter-free reshapes and dropout 0, every other layer one op per input element."""
+    x = inp[0] if isinstance(inp, tuple) and inp and isinstance(inp[0], torch.Tensor) else None
+    if isinstance(m, nn.modules.conv._ConvNd) and isinstance(outp, torch.Tensor) and x is not None:
+        k = 1
+        for s in m.kernel_size: k *= s
+        if m.transposed: return 2 * k * (m.out_channels // m.groups) * x.numel()
+        return 2 * k * (m.in_channels // m.groups) * outp.numel()
+    if isinstance(m, nn.Linear) and isinstance(outp, torch.Tensor): return 2 * m.in_features * outp.numel()
+    if isinstance(m, _FREE) or x is None: return 0
+    return x.numel()
+
+
+class ModelSummary:
+    """The summary's rows (`rows`, a list of `LayerInfo`) and totals. Its repr is an aligned text table; in a
+    notebook it shows as a markdown table. `str(s)` / `s.markdown()` give either as a string."""
+    headers = ('layer', 'type', 'input', 'output', 'params', 'MFLOPs')
+
+    def __init__(self, rows: list[LayerInfo], total_params: int, trainable_params: int, batch_size: int, device):
+        self.rows, self.total_params, self.trainable_params = rows, total_params, trainable_params
+        self.batch_size, self.device = batch_size, device
+        self.total_mflops = sum(r.mflops for r in rows)
+
+    def _cells(self) -> list[tuple[str, ...]]:
+        return [(r.name, r.type, _fmt_shape(r.in_shape), _fmt_shape(r.out_shape), f'{r.params:,}', f'{r.mflops:,.3f}')
+                for r in self.rows]
+
+    def _footer(self) -> str:
+        return (f'total: {self.total_params:,} parameters ({self.trainable_params:,} trainable), '
+                f'{self.total_mflops:,.3f} MFLOPs per sample; batch of {self.batch_size} on {self.device}')
+
+    def text(self) -> str:
+        cells = [self.headers, *self._cells()]
+        w = [max(len(c[i]) for c in cells) for i in range(len(self.headers))]
+        right = (False, False, False, False, True, True)
+        fmt = lambda c: '  '.join(s.rjust(n) if r else s.ljust(n) for s, n, r in zip(c, w, right)).rstrip()
+        rule = '-' * (sum(w) + 2 * (len(w) - 1))
+        return '\n'.join([fmt(cells[0]), rule, *map(fmt, cells[1:]), rule, self._footer()])
+
+    def markdown(self) -> str:
+        lines = ['| ' + ' | '.join(self.headers) + ' |', '|---|---|---|---|--:|--:|']
+        lines += ['| ' + ' | '.join(c) + ' |' for c in self._cells()]
+        return '\n'.join(lines) + '\n\n' + self._footer()
+
+    def __repr__(self) -> str: return self.text()
+
+    def _repr_markdown_(self) -> str: return self.markdown()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    t = next(model.parameters(), None)
+    if t is None: t = next(model.buffers(), None)
+    return t.device if t is not None else torch.device('cpu')
+
+
+@contextmanager
+def _untouched(model: nn.Module):
+    """Restores every module's train/eval mode, the buffers (e.g. BatchNorm statistics) and the RNGs afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng, py_rng = torch.get_rng_state(), random.getstate()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    np = sys.modules.get('numpy')
+    np_rng = np.random.get_state() if np is not None else None
+    try: yield
+    finally:
+        for m, mode in modes: m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers: b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        random.setstate(py_rng)
+        if cuda_rng is not None: torch.cuda.set_rng_state_all(cuda_rng)
+        if np_rng is not None: np.random.set_state(np_rng)
+
+
+def _first_batch(dl):
+    """The loader's first batch, leaving its shuffle state (generator, `order`, `state_dict`) as it was."""
+    gens = [g for g in (getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None))
+            if isinstance(g, torch.Generator)]
+    gen_states = [g.get_state() for g in gens]
+    state = copy.deepcopy(dl.state_dict()) if callable(getattr(dl, 'load_state_dict', None)) else None
+    has_order, order = hasattr(dl, 'order'), getattr(dl, 'order', None)
+    try:
+        try: return next(iter(dl))
+        except StopIteration: raise ValueError('dls.train is empty: pass batch=... or input_shape=(...)') from None
+    finally:
+        for g, s in zip(gens, gen_states): g.set_state(s)
+        if state is not None: dl.load_state_dict(state)
+        if has_order: dl.order = order
+
+
+def _model_input(learn, batch, input_shape, device: torch.device):
+    if batch is not None and input_shape is not None:
+        raise ValueError('pass batch or input_shape, not both: batch is a real batch, input_shape makes a random one')
+    if input_shape is not None:
+        if (not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_shape)):
+            raise ValueError(f'input_shape must be a tuple of ints >= 1 including the batch size, e.g. (1, 1, 28, 28); '
+                             f'got {input_shape!r}')
+        p = next((p for p in learn.model.parameters() if p.is_floating_point()), None)
+        dtype = p.dtype if p is not None else torch.float32
+        x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0))  # own generator: no global RNG draw
+        return x.to(device, dtype)
+    if batch is None:
+        dl = getattr(learn.dls, 'train', None)
+        if dl is None: raise ValueError('learn.dls has no .train to take a batch from: pass batch=... or input_shape=(...)')
+        batch = _first_batch(dl)
+    if isinstance(batch, (list, tuple)) and batch: batch = batch[0]  # (x, y, ...): the model sees x
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f'summary feeds the model one tensor; got a {type(batch).__name__}: pass batch=x (a tensor), '
+                        f'a list (x, y, ...), or input_shape=(...)')
+    return to_device(batch, device)
+
+
+def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None) -> ModelSummary:
+    """Run one forward of `learn.model` (in eval mode, under no_grad, on the model's device) on the first batch of
+    `learn.dls.train`, or on `batch` (x or (x, y, ...)), or on a random tensor of `input_shape` (batch size included),
+    and tabulate each layer. Weights, buffers, modes, the optimiser, callbacks, the loader's shuffle state and the
+    RNGs are left as they were; no step is taken and no callback runs."""
+    model = learn.model
+    if not isinstance(model, nn.Module): raise TypeError(f'learn.model must be a torch.nn.Module, got {type(model).__name__}')
+    device = _model_device(model)
+    with _untouched(model):
+        x = _model_input(learn, batch, input_shape, device)
+        bs = x.shape[0] if x.ndim else 1
+        names = {id(m): n or 'model' for n, m in model.named_modules()}
+        mods = [m for m in model.modules() if next(m.children(), None) is None or next(m.parameters(False), None) is not None]
+        rows, seen = [], set()
+
+        def record(hook, m, inp, outp):
+            own = next(m.children(), None) is not None  # a container with parameters of its own: count only those
+            params = 0 if id(m) in seen else sum(p.numel() for p in m.parameters(recurse=not own))
+            seen.add(id(m))
+            rows.append(LayerInfo(names[id(m)], type(m).__name__, _shape(inp), _shape(outp), params,
+                                  _flops(m, inp, outp) / bs / 1e6))
+
+        model.eval()  # BatchNorm uses, not updates, its statistics; dropout off
+        with Hooks(mods, record), torch.no_grad(): model(x)
+    params = list(model.parameters())  # each shared (tied) parameter once
+    return ModelSummary(rows, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), bs, device)
