@@ -331,3 +331,16 @@ def test_cancel_in_before_fit_skips_everything():
     t = TraceCB()
     TrainLearner(nn.Linear(8, 3), dls(), F.cross_entropy, cbs=[t, Stop()]).fit(2)
     assert t.events == ['before_fit', 'cleanup_fit']
+
+
+def test_device_cb_leaves_resident_loader_batches_alone():
+    seen = []
+
+    class Look(Callback):
+        order = 1
+        def before_batch(self, learn): seen.append(learn.batch[0].data_ptr())
+
+    d = dls(bs=16, shuffle=False)
+    ptrs = [b[0].data_ptr() for b in d.train] + [b[0].data_ptr() for b in d.valid]
+    TrainLearner(toy_model(), d, F.cross_entropy, cbs=[DeviceCB('cpu'), Look()]).fit(1)
+    assert seen == ptrs  # the very tensors the loader cut, not copies
