@@ -333,7 +333,10 @@ def test_cancel_in_before_fit_skips_everything():
     assert t.events == ['before_fit', 'cleanup_fit']
 
 
-def test_device_cb_leaves_resident_loader_batches_alone():
+def test_device_cb_leaves_resident_loader_batches_alone(monkeypatch):
+    import ultraloop.callbacks.core as core
+    moved = []
+    monkeypatch.setattr(core, 'to_device', lambda b, *a, **k: moved.append(1) or b)
     seen = []
 
     class Look(Callback):
@@ -343,4 +346,7 @@ def test_device_cb_leaves_resident_loader_batches_alone():
     d = dls(bs=16, shuffle=False)
     ptrs = [b[0].data_ptr() for b in d.train] + [b[0].data_ptr() for b in d.valid]
     TrainLearner(toy_model(), d, F.cross_entropy, cbs=[DeviceCB('cpu'), Look()]).fit(1)
-    assert seen == ptrs  # the very tensors the loader cut, not copies
+    assert seen == ptrs and moved == []  # the very tensors the loader cut, with no per-batch move
+    lists = DataLoaders(list(d.train), list(d.valid))
+    TrainLearner(toy_model(), lists, F.cross_entropy, cbs=[DeviceCB('cpu')]).fit(1)
+    assert len(moved) == len(ptrs)  # any other loader: every batch goes through to_device
