@@ -1,0 +1,6 @@
+"""`python -m ultraloop` runs the `ultraloop` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

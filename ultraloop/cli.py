@@ -1,0 +1,252 @@
+"""The `ultraloop` command: `demo` trains the seed's CNN on the bundled digits; `fit` and `lr-find` on digits or FashionMNIST."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ['main', 'build_parser']
+
+# torch, scikit-learn and matplotlib are imported only once a command runs, so `--help` and usage errors are instant.
+DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
+SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, exit code 2, pointing at --help."""
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'expected a whole number, got {s!r}') from None
+        if v < lo: raise argparse.ArgumentTypeError(f'must be >= {lo}, got {v}')
+        return v
+    return parse
+
+
+def _float_above(lo: float):
+    def parse(s: str) -> float:
+        try: v = float(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'expected a number, got {s!r}') from None
+        if not v > lo: raise argparse.ArgumentTypeError(f'must be > {lo:g}, got {s}')  # also refuses nan
+        return v
+    return parse
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
+                   help='where to train; auto: mps, else cuda, else cpu (default: auto)')
+    p.add_argument('--seed', type=_int_at_least(0), default=0, help='seeds the weights and the shuffle order (default: 0)')
+    p.add_argument('--out', type=Path, default=None, metavar='DIR',
+                   help='run folder for the plots (default: runs/<command>-<date>-<time>)')
+
+
+def _add_data_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--data', choices=['digits', 'fashion-mnist'], default='digits',
+                   help="digits: scikit-learn's bundled 8x8 digits, no download; fashion-mnist: the four IDX files "
+                        'in --data-dir (default: digits)')
+    p.add_argument('--data-dir', type=Path, default=None, metavar='DIR',
+                   help='folder holding the FashionMNIST .gz files, or torchvision\'s DIR/FashionMNIST/raw '
+                        '(default: data; only with --data fashion-mnist)')
+    p.add_argument('--model', choices=['cnn', 'mlp'], default='cnn',
+                   help="cnn: the seed's three-convolution CNN; mlp: one hidden layer of 128 (default: cnn)")
+    p.add_argument('--bs', type=_int_at_least(1), default=64, help='batch size (default: 64)')
+    p.add_argument('--opt', choices=['sgd', 'adamw'], default='adamw',
+                   help=f'optimiser: sgd (momentum {SGD_MOMENTUM}) or adamw (weight decay {ADAMW_WEIGHT_DECAY}) '
+                        '(default: adamw)')
+    p.add_argument('--precision', choices=['no', 'bf16', 'fp16'], default='no',
+                   help='mixed precision with MixedPrecisionCB: bf16, or fp16 with a gradient scaler (default: no)')
+    _add_run_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `ultraloop` argument parser, with the demo, fit and lr-find subcommands."""
+    parser = _Parser(prog='ultraloop', description='Train with ultraloop from the command line. '
+                     'Start with `ultraloop demo`; `ultraloop COMMAND --help` lists each command\'s options.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    demo = sub.add_parser('demo', help="the seed's CNN on the bundled digits: LR finder, then a one-cycle fit",
+                          description="Train the seed's CNN on scikit-learn's bundled 8x8 digits (no download) with "
+                          'TrainCB, DeviceCB, MetricsCB and ProgressCB: run the LR finder, fit one cycle at its '
+                          'suggestion, print the metrics table and save the loss and LR-finder plots.')
+    demo.add_argument('--epochs', type=_int_at_least(1), default=10, help='epochs to fit (default: 10)')
+    _add_run_options(demo)
+    demo.set_defaults(run=_demo)
+
+    fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
+                         'metrics table and save the loss plot in the run folder.')
+    _add_data_model_options(fit)
+    fit.add_argument('--epochs', type=_int_at_least(1), default=5, help='epochs to fit (default: 5)')
+    fit.add_argument('--lr', type=_float_above(0), default=None,
+                     help=f'learning rate, the peak with --one-cycle (default: {DEFAULT_LR["sgd"]} for sgd, '
+                          f'{DEFAULT_LR["adamw"]} for adamw)')
+    fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
+    fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.set_defaults(run=_fit)
+
+    lrf = sub.add_parser('lr-find', help='run the LR finder and print its suggestion',
+                         description='Train with a growing learning rate until the loss exceeds 3x its minimum, '
+                         'save the loss-against-lr plot and print the suggested learning rate. The model is left '
+                         'as it was.')
+    _add_data_model_options(lrf)
+    lrf.add_argument('--start-lr', type=_float_above(0), default=1e-5, help='first learning rate (default: 1e-05)')
+    lrf.add_argument('--lr-mult', type=_float_above(1), default=1.3, help='lr growth per batch (default: 1.3)')
+    lrf.add_argument('--max-epochs', type=_int_at_least(1), default=10, help='at most this many epochs (default: 10)')
+    lrf.set_defaults(run=_lr_find)
+    for p in (demo, fit, lrf): p.set_defaults(parser=p)
+    return parser
+
+
+# ---- checks and set-up shared by the commands ------------------------------------------------------------------
+def _device(name: str, parser: argparse.ArgumentParser):
+    import torch
+
+    from .data import def_device
+    if name == 'auto': return torch.device(def_device)
+    if name == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device cuda: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto')
+    if name == 'mps' and not torch.backends.mps.is_available():
+        parser.error('--device mps: MPS (Apple GPU) is not available here; use --device cpu or auto')
+    return torch.device(name)
+
+
+def _check_data_args(args) -> None:
+    if args.data == 'digits' and args.data_dir is not None:
+        args.parser.error('--data-dir is for --data fashion-mnist; the digits ship with scikit-learn')
+    if args.data == 'fashion-mnist':
+        if args.data_dir is None: args.data_dir = Path('data')
+        if not args.data_dir.is_dir():
+            args.parser.error(f'--data-dir {args.data_dir} is not a folder; put the FashionMNIST IDX files in one')
+
+
+def _load(args):
+    from .datasets import digits, fashion_mnist
+    return fashion_mnist(args.data_dir) if args.data == 'fashion-mnist' else digits()
+
+
+def _run_dir(out: Path | None, command: str) -> Path:
+    """The run folder: `out`, or runs/<command>-<date>-<time> (with -2, -3, ... when that exists)."""
+    if out is None:
+        base = Path('runs') / f'{command}-{time.strftime("%Y%m%d-%H%M%S")}'
+        out, i = base, 1
+        while out.exists(): i += 1; out = base.with_name(f'{base.name}-{i}')
+    if out.exists() and not out.is_dir(): raise FileExistsError(f'--out {out} is a file; give a folder')
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
+    """Data, model, optimiser and the step callbacks (TrainCB, DeviceCB, MixedPrecisionCB) for a command."""
+    from functools import partial
+
+    import torch
+    from torch import optim
+    from torch.nn import functional as F
+
+    from .callbacks import DeviceCB, TrainCB
+    from .data import DataLoaders
+    from .learner import Learner
+    from .models import get_model, mlp
+
+    device = _device(args.device, args.parser)
+    torch.manual_seed(args.seed)
+    xt, yt, xv, yv = _load(args)
+    # keep the data on a GPU when there is one: batches are then cut there, with no copy per batch
+    dls = DataLoaders.from_tensors(xt, yt, xv, yv, bs=bs, seed=args.seed, device=None if device.type == 'cpu' else device)
+    n_out = int(max(yt.max(), yv.max())) + 1
+    model = get_model(n_out) if model_name == 'cnn' else mlp(xt[0].numel(), 128, n_out)
+    opt_func = (partial(optim.SGD, momentum=SGD_MOMENTUM) if opt_name == 'sgd'
+                else partial(optim.AdamW, weight_decay=ADAMW_WEIGHT_DECAY))
+    cbs = [TrainCB(), DeviceCB(device)]
+    if precision != 'no':
+        from .callbacks import MixedPrecisionCB
+        cbs.append(MixedPrecisionCB(dtype=torch.bfloat16 if precision == 'bf16' else torch.float16))
+    print(f'data: {args.data} ({len(xt):,} train, {len(xv):,} valid, {tuple(xt.shape[1:])}), model: {model_name}, '
+          f'opt: {opt_name}, device: {device}, precision: {precision}')
+    return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func), n_out
+
+
+def _metric_cbs(n_out: int, plot_path: Path):
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from .callbacks import MetricsCB, ProgressCB
+    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out)), ProgressCB(plot=True)]
+
+
+def _save_loss_plot(learn, path: Path) -> Path:
+    return learn.plot_metrics(path)
+
+
+def _last_valid(learn) -> str:
+    hist = [h for h in learn.metrics.history if h.get('train') != 'train']
+    return ', '.join(f'{k} {v:.3f}' for k, v in hist[-1].items() if k in ('accuracy', 'loss')) if hist else ''
+
+
+# ---- the commands ------------------------------------------------------------------------------------------------
+def _demo(args) -> int:
+    args.data, args.data_dir = 'digits', None
+    learn, n_out = _learner(args, 'cnn', 'adamw', 'no', 64)
+    out = _run_dir(args.out, 'demo')
+    print('LR finder: the lr grows 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum')
+    lr = learn.lr_find(plot=out / 'lr_find.png')
+    if lr is None: lr = DEFAULT_LR['adamw']; print(f'no clear descent; using lr {lr:g}')
+    else: print(f'suggested lr: {lr:.3g}')
+    learn.add_cbs(_metric_cbs(n_out, out))
+    print(f'fit_one_cycle({args.epochs}, lr_max={lr:.3g})')
+    learn.fit_one_cycle(args.epochs, lr)
+    _save_loss_plot(learn, out / 'loss.png')
+    print(f'valid: {_last_valid(learn)}')
+    print(f'run folder: {out} (loss.png, lr_find.png)')
+    return 0
+
+
+def _fit(args) -> int:
+    _check_data_args(args)
+    learn, n_out = _learner(args, args.model, args.opt, args.precision, args.bs)
+    out = _run_dir(args.out, 'fit')
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
+    learn.add_cbs(_metric_cbs(n_out, out))
+    if args.csv is not None:
+        from .callbacks import CSVLoggerCB
+        learn.add_cb(CSVLoggerCB(args.csv))
+    if args.one_cycle: learn.fit_one_cycle(args.epochs, lr)
+    else: learn.fit(args.epochs, lr=lr)
+    _save_loss_plot(learn, out / 'loss.png')
+    print(f'valid: {_last_valid(learn)}')
+    print(f'run folder: {out} (loss.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
+    return 0
+
+
+def _lr_find(args) -> int:
+    _check_data_args(args)
+    learn, _ = _learner(args, args.model, args.opt, args.precision, args.bs)
+    out = _run_dir(args.out, 'lr-find')
+    lr = learn.lr_find(start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs, plot=out / 'lr_find.png')
+    print('suggested lr: none (no clear descent; try a smaller --start-lr)' if lr is None else f'suggested lr: {lr:.3g}')
+    print(f'run folder: {out} (lr_find.png)')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        msg = ' '.join(str(e).split())  # one line, whatever the message held
+        print(f'ultraloop: error: {msg}', file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f'ultraloop: error: {e} (pip install "ultraloop[all]" installs every optional dependency)', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('ultraloop: interrupted', file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())
