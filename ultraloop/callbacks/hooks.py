@@ -181,7 +181,7 @@ class ActivationStatsCB(HooksCallback):
         hooks = self._hooks_with_stats()
         fig, axes = self._grid(len(hooks), figsize)
         for ax, h in zip(axes, hooks):
-            ax.imshow(h.hists.t().log1p(), origin='lower', aspect='auto', extent=(0, len(h.hists), *self.hist_range))
+            ax.imshow(h.hists.t().log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(h.hists), *self.hist_range))
             ax.set_title(f'{h.name} ({type(h.module).__name__})', fontsize=9)
         return show_or_save(fig, path, 'color_dim.png')
 
@@ -190,7 +190,7 @@ class ActivationStatsCB(HooksCallback):
         hooks = self._hooks_with_stats()
         fig, axes = self._grid(len(hooks), figsize)
         for ax, h in zip(axes, hooks):
-            ax.plot(self.dead_fraction(h))
+            ax.plot(self.dead_fraction(h).numpy())
             ax.set_ylim(0, 1)
             ax.set_title(f'{h.name} ({type(h.module).__name__})', fontsize=9)
         return show_or_save(fig, path, 'dead_chart.png')
@@ -200,8 +200,8 @@ class ActivationStatsCB(HooksCallback):
         hooks = self._hooks_with_stats()
         fig, axes = get_plt().subplots(1, 2, figsize=figsize)
         for h in hooks:
-            axes[0].plot(h.means, label=h.name)
-            axes[1].plot(h.stds, label=h.name)
+            axes[0].plot(h.means.numpy(), label=h.name)
+            axes[1].plot(h.stds.numpy(), label=h.name)
         axes[0].set_title('Means')
         axes[1].set_title('Stdevs')
         axes[1].legend(fontsize=8)
