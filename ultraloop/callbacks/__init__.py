@@ -5,5 +5,15 @@ from .debug import *  # noqa: F401,F403
 from .debug import __all__ as _debug
 from .hooks import *  # noqa: F401,F403
 from .hooks import __all__ as _hooks
+from .lr_finder import *  # noqa: F401,F403
+from .lr_finder import __all__ as _lr_finder
+from .metrics import *  # noqa: F401,F403
+from .metrics import __all__ as _metrics
+from .optim import *  # noqa: F401,F403
+from .optim import __all__ as _optim
+from .precision import *  # noqa: F401,F403
+from .precision import __all__ as _precision
+from .schedule import *  # noqa: F401,F403
+from .schedule import __all__ as _schedule
 
-__all__ = [*_core, *_debug, *_hooks]
+__all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics]
