@@ -173,6 +173,20 @@ class Learner:
         finally:
             if cbs: self.rm_cbs(cbs)
 
+    def lr_find(self, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
+                plot_path=None) -> float | None:
+        """Train with an lr growing by `lr_mult` per batch until the loss exceeds 3x its minimum; plot loss against lr
+        (inline in a notebook, else a PNG at `plot_path`, default lr_find.png) and return a suggested lr, or None.
+        Afterwards weights, optimiser, callbacks and RNGs are as before (see `ultraloop.callbacks.lr_finder.lr_find`)."""
+        from .callbacks.lr_finder import lr_find
+        return lr_find(self, start_lr, lr_mult, max_epochs, plot, plot_path)
+
+    def fit_one_cycle(self, n_epochs: int, lr_max: float, cbs=None, **sched_kwargs):
+        """`fit` with torch's OneCycleLR up to `lr_max`, cycling momentum or Adam's beta1; `sched_kwargs` go to
+        OneCycleLR. Returns the BatchSchedCB, whose `lrs` hold each step's lr."""
+        from .callbacks.schedule import fit_one_cycle
+        return fit_one_cycle(self, n_epochs, lr_max, cbs=cbs, **sched_kwargs)
+
     def _do_fit(self, train: bool, valid: bool) -> None:
         for self.epoch in self.epochs:
             if train: self.one_epoch(True)

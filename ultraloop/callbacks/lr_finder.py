@@ -1,0 +1,166 @@
+"""The learning-rate finder: train with a growing lr until the loss blows up, suggest an lr, then undo it all."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import sys
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from ..learner import Callback, CancelEpochException, CancelFitException
+
+__all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
+
+
+class LRFinderCB(Callback):
+    """Multiplies every group's lr by `lr_mult` after each training batch, recording `lrs` and `losses`; ends fit
+    when the loss exceeds `stop_div` times its minimum (or is NaN), and each valid phase at its first batch.
+    Reads the loss every batch, a host-device sync: the price of deciding when to stop, paid only here."""
+
+    def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0):
+        for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
+                raise ValueError(f'LRFinderCB: {nm} must be a number > 1, got {v!r}')
+        self.lr_mult, self.stop_div = lr_mult, stop_div
+
+    def before_fit(self, learn):
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.min = math.inf
+
+    def after_batch(self, learn):
+        if not learn.training: raise CancelEpochException()
+        self.lrs.append(learn.opt.param_groups[0]['lr'])
+        loss = float(learn.loss)  # host sync (see the class doc)
+        self.losses.append(loss)
+        if loss < self.min: self.min = loss
+        if loss > self.min * self.stop_div or math.isnan(loss): raise CancelFitException()
+        for g in learn.opt.param_groups: g['lr'] *= self.lr_mult
+
+
+def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.5, min_drop: float = 0.05) -> float | None:
+    """The lr where the smoothed loss falls fastest against log10(lr), looking only at the descent before its minimum.
+
+    The loss is smoothed by a centred moving average over `smooth_decades` of lr (an exponential average would lag and
+    shift the answer to higher lrs). Returns None, with a warning, when there is no clear descent: too few points,
+    or the smoothed loss falls by less than `min_drop` of its start or by less than twice its noise."""
+    pts = [(lr, y) for lr, y in zip(lrs, losses) if lr > 0 and math.isfinite(y)]
+    if len(pts) < 8:
+        warnings.warn(f'lr_find: only {len(pts)} usable points, too few to suggest an lr: lower start_lr or lr_mult, '
+                      f'or give more batches (max_epochs)', stacklevel=3)
+        return None
+    x = [math.log10(lr) for lr, _ in pts]
+    y = [v for _, v in pts]
+    step = (x[-1] - x[0]) / (len(x) - 1)
+    half = max(1, round(smooth_decades / 2 / step)) if step > 0 else 1
+    ys = [sum(y[max(0, i - half):i + half + 1]) / len(y[max(0, i - half):i + half + 1]) for i in range(len(y))]
+    i_min = min(range(len(ys)), key=ys.__getitem__)
+    drop = ys[0] - ys[i_min]
+    noise = math.sqrt(sum((y[i] - ys[i]) ** 2 for i in range(i_min + 1)) / (i_min + 1))
+    if i_min < 2 or drop <= max(min_drop * abs(ys[0]), 2 * noise):
+        warnings.warn('lr_find: the loss shows no clear descent, so no lr is suggested: look at the plot, try a lower '
+                      'start_lr, or check that the model can learn', stacklevel=3)
+        return None
+    slopes = {i: (ys[i + 1] - ys[i - 1]) / (x[i + 1] - x[i - 1]) for i in range(1, i_min)}
+    return pts[min(slopes, key=slopes.__getitem__)][0]
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None = None,
+                 path: str | os.PathLike | None = None):
+    """Loss against lr on a log axis, the suggestion marked; inline in a notebook, else saved to `path`
+    (default lr_find.png). Returns the PNG's path, or None."""
+    from ..plotting import get_plt, show_or_save
+    plt = get_plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.set_xscale('log')
+    ax.set_xlabel('learning rate')
+    ax.set_ylabel('loss')
+    if suggestion is not None:
+        ax.axvline(suggestion, color='red', linestyle='--', label=f'suggested lr {suggestion:.2e}')
+        ax.legend()
+    return show_or_save(fig, path, 'lr_find.png')
+
+
+def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
+            plot_path: str | os.PathLike | None = None) -> float | None:
+    """Train from `start_lr`, multiplying the lr by `lr_mult` each batch, until the loss exceeds 3x its minimum
+    (at most `max_epochs` train phases, no valid phases); plot loss against lr; return `suggest_lr`'s lr or None.
+    Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
+    (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
+    fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
+    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not start_lr > 0:
+        raise ValueError(f'lr_find: start_lr must be a number > 0, got {start_lr!r}')
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
+    finder = LRFinderCB(lr_mult)
+    from .schedule import BatchSchedCB, EpochSchedCB
+    saved = _LearnerState(learn)
+    try:
+        scheds = [cb for cb in learn.cbs if isinstance(cb, (BatchSchedCB, EpochSchedCB))]
+        if scheds: learn.rm_cbs(scheds)  # they would overwrite the finder's lrs
+        learn.fit(max_epochs, valid=False, cbs=[finder], lr=start_lr)
+    finally:
+        saved.restore()
+    suggestion = suggest_lr(finder.lrs, finder.losses)
+    if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
+    return suggestion
+
+
+def _cpu_clone(x):
+    """A copy with every tensor cloned to the CPU (keeps a GPU model's snapshot out of GPU memory)."""
+    if isinstance(x, torch.Tensor): return x.detach().to('cpu', copy=True)
+    if isinstance(x, dict): return {k: _cpu_clone(v) for k, v in x.items()}
+    if type(x) in (list, tuple): return type(x)(_cpu_clone(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _generators(dl) -> list[torch.Generator]:
+    found = [getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+class _LearnerState:
+    """Everything a fit changes, copied so it can be put back bitwise."""
+
+    def __init__(self, learn):
+        self.learn, self.attrs, self.cbs = learn, dict(learn.__dict__), list(learn.cbs)
+        self.model, self.opt = learn.model, learn.opt
+        sd = self.model.state_dict()
+        self.weights = OrderedDict(_cpu_clone(dict(sd)))
+        self.weights._metadata = copy.deepcopy(getattr(sd, '_metadata', None))  # module versions, as load_state_dict wants
+        self.modes = [m.training for m in self.model.modules()]
+        self.grads = [(p, None if p.grad is None else _cpu_clone(p.grad)) for p in self.model.parameters()]
+        self.opt_state = None if self.opt is None else _cpu_clone(self.opt.state_dict())
+        self.cb_states = [(cb, _cpu_clone(cb.state_dict())) for cb in self.cbs
+                          if callable(getattr(cb, 'state_dict', None)) and callable(getattr(cb, 'load_state_dict', None))]
+        dls = [getattr(learn.dls, nm, None) for nm in ('train', 'valid')]
+        self.dl_states = [(dl, _cpu_clone(dl.state_dict())) for dl in dls if callable(getattr(dl, 'load_state_dict', None))]
+        self.gen_states = [(g, g.get_state()) for dl in dls if not callable(getattr(dl, 'load_state_dict', None))
+                           for g in _generators(dl)]
+        self.rng = {'torch': torch.get_rng_state(), 'random': random.getstate()}
+        if torch.cuda.is_available(): self.rng['cuda'] = torch.cuda.get_rng_state_all()
+        if torch.backends.mps.is_available(): self.rng['mps'] = torch.mps.get_rng_state()
+        if 'numpy' in sys.modules: self.rng['numpy'] = sys.modules['numpy'].random.get_state()
+
+    def restore(self) -> None:
+        learn = self.learn
+        learn.__dict__.clear()
+        learn.__dict__.update(self.attrs)  # loop state, opt, model, dls and the callback table as they were
+        learn.cbs[:] = self.cbs
+        self.model.load_state_dict(self.weights)
+        for m, mode in zip(self.model.modules(), self.modes): m.training = mode
+        for p, g in self.grads: p.grad = None if g is None else g.to(p.device)
+        if self.opt is not None: self.opt.load_state_dict(self.opt_state)
+        for cb, state in self.cb_states: cb.load_state_dict(state)
+        for dl, state in self.dl_states: dl.load_state_dict(state)
+        for g, state in self.gen_states: g.set_state(state)
+        torch.set_rng_state(self.rng['torch'])
+        random.setstate(self.rng['random'])
+        if 'cuda' in self.rng: torch.cuda.set_rng_state_all(self.rng['cuda'])
+        if 'mps' in self.rng: torch.mps.set_rng_state(self.rng['mps'])
+        if 'numpy' in self.rng: sys.modules['numpy'].random.set_state(self.rng['numpy'])
