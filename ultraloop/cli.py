@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ['main', 'build_parser']
 
-# torch, scikit-learn and matplotlib are imported only once a command runs, so `--help` and usage errors are instant.
+# scikit-learn, torchmetrics and matplotlib are imported only once a command runs, so `--help` and usage errors are quick.
 DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
 SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
 
@@ -170,15 +170,11 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func), n_out
 
 
-def _metric_cbs(n_out: int, plot_path: Path):
+def _metric_cbs(n_out: int) -> list:
     from torchmetrics.classification import MulticlassAccuracy
 
     from .callbacks import MetricsCB, ProgressCB
-    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out)), ProgressCB(plot=True)]
-
-
-def _save_loss_plot(learn, path: Path) -> Path:
-    return learn.plot_metrics(path)
+    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out)), ProgressCB()]
 
 
 def _last_valid(learn) -> str:
@@ -192,13 +188,13 @@ def _demo(args) -> int:
     learn, n_out = _learner(args, 'cnn', 'adamw', 'no', 64)
     out = _run_dir(args.out, 'demo')
     print('LR finder: the lr grows 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum')
-    lr = learn.lr_find(plot=out / 'lr_find.png')
+    lr = learn.lr_find(plot_path=out / 'lr_find.png')
     if lr is None: lr = DEFAULT_LR['adamw']; print(f'no clear descent; using lr {lr:g}')
     else: print(f'suggested lr: {lr:.3g}')
-    learn.add_cbs(_metric_cbs(n_out, out))
+    learn.add_cbs(_metric_cbs(n_out))
     print(f'fit_one_cycle({args.epochs}, lr_max={lr:.3g})')
     learn.fit_one_cycle(args.epochs, lr)
-    _save_loss_plot(learn, out / 'loss.png')
+    learn.plot_metrics(out / 'loss.png')
     print(f'valid: {_last_valid(learn)}')
     print(f'run folder: {out} (loss.png, lr_find.png)')
     return 0
@@ -209,13 +205,13 @@ def _fit(args) -> int:
     learn, n_out = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
-    learn.add_cbs(_metric_cbs(n_out, out))
+    learn.add_cbs(_metric_cbs(n_out))
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
     if args.one_cycle: learn.fit_one_cycle(args.epochs, lr)
     else: learn.fit(args.epochs, lr=lr)
-    _save_loss_plot(learn, out / 'loss.png')
+    learn.plot_metrics(out / 'loss.png')
     print(f'valid: {_last_valid(learn)}')
     print(f'run folder: {out} (loss.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
     return 0
@@ -225,7 +221,8 @@ def _lr_find(args) -> int:
     _check_data_args(args)
     learn, _ = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'lr-find')
-    lr = learn.lr_find(start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs, plot=out / 'lr_find.png')
+    lr = learn.lr_find(start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs,
+                       plot_path=out / 'lr_find.png')
     print('suggested lr: none (no clear descent; try a smaller --start-lr)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
     return 0
@@ -240,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = ' '.join(str(e).split())  # one line, whatever the message held
         print(f'ultraloop: error: {msg}', file=sys.stderr)
         return 2
-    except ImportError as e:
-        print(f'ultraloop: error: {e} (pip install "ultraloop[all]" installs every optional dependency)', file=sys.stderr)
+    except ImportError as e:  # an optional dependency is missing
+        if (e.name or '').startswith('ultraloop'): raise  # a broken install or a bug, not a missing extra
+        hint = '' if 'pip install' in str(e) else ' (pip install "ultraloop[demo]" installs what the commands use)'
+        print(f'ultraloop: error: {e}{hint}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print('ultraloop: interrupted', file=sys.stderr)
