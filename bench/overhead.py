@@ -64,7 +64,48 @@ def ultraloop_core(data, bs):
     return lambda: learn.fit(1)
 
 
-CASES = {'core': (hand_written, ultraloop_core)}
+def hand_metrics(data, bs):
+    """The bar with metrics: accuracy (a correct count) and the sample-weighted loss summed on the device per batch,
+    read once per phase."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0)
+    results = []
+
+    def epoch():
+        for training, dl in ((True, dls.train), (False, dls.valid)):
+            model.train(training)
+            correct, loss_sum, n = torch.zeros((), dtype=torch.long), torch.zeros(()), 0
+            with torch.set_grad_enabled(training):
+                for x, y in dl:
+                    preds = model(x)
+                    loss = F.cross_entropy(preds, y)
+                    if training:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+                    correct += (preds.argmax(1) == y).sum()
+                    loss_sum += loss.detach() * len(y)
+                    n += len(y)
+            results.append((correct.item() / n, loss_sum.item() / n))
+    return epoch
+
+
+class _QuietMetricsCB(U.MetricsCB):
+    def _log(self, d): pass  # keep stdout for the JSON records
+
+
+def ultraloop_metrics(data, bs):
+    from torchmetrics.classification import MulticlassAccuracy
+    torch.manual_seed(0)
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0)
+    cbs = [U.DeviceCB('cpu'), _QuietMetricsCB(accuracy=MulticlassAccuracy(num_classes=10, average='micro'))]
+    learn = U.TrainLearner(tiny_model(), dls, loss_func=F.cross_entropy, lr=LR, cbs=cbs)
+    return lambda: learn.fit(1)
+
+
+CASES = {'core': (hand_written, ultraloop_core), 'metrics': (hand_metrics, ultraloop_metrics)}
 
 
 def interleaved(a, b, epochs: int) -> tuple[float, float, float]:

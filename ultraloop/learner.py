@@ -291,6 +291,12 @@ class Learner:
         """Print the loop's events in order with the callbacks that run at each, and who provides each step."""
         print(self._training_loop_text())
 
+    def plot_metrics(self, path=None):
+        """Plot the metrics MetricsCB recorded in the last fit, per epoch: inline in a notebook, else saved to `path`
+        (default metrics.png). Returns the PNG's path, or None."""
+        from .callbacks.metrics import plot_metrics
+        return plot_metrics(self, path)
+
     def summary(self, batch=None, input_shape: tuple[int, ...] | None = None):
         """Each layer's name, type, input and output shape, parameters and MFLOPs, from one forward without side
         effects (see `ultraloop.summary.model_summary`); shows as a table."""
