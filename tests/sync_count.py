@@ -26,7 +26,11 @@ _DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.
                    aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
                    aten.repeat_interleave.Tensor}
 _COPIES = {aten._to_copy.default, aten.copy_.default}
-_HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy}
+# the Python entry points that read values to the host; counted once each, whatever they dispatch underneath
+# (some reads, e.g. .item() of torcheval's inference-mode results, never reach the dispatch mode)
+_HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__float__, torch.Tensor.__int__,
+               torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.__complex__, torch.Tensor.__format__,
+               torch.Tensor.__repr__}
 
 
 def _where() -> str:
@@ -41,31 +45,36 @@ def _is_device(t) -> bool: return isinstance(t, torch.Tensor) and t.device.type 
 
 
 class _Dispatch(TorchDispatchMode):
-    def __init__(self, record):
+    def __init__(self, counter):
         super().__init__()
-        self.record = record
+        self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in _DATA_DEPENDENT: self.record(str(func))
+        out = func(*args, **(kwargs or {}))
+        if self.counter._inside_read: return out
+        if func in _DATA_DEPENDENT: self.counter._record(str(func))
         elif func is aten.index.Tensor and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
                                                for i in args[1]):
-            self.record('aten.index.Tensor(bool mask)')
+            self.counter._record('aten.index.Tensor(bool mask)')
         elif func in _COPIES:
             src = args[1] if func is aten.copy_.default else args[0]
-            if _is_device(src) and isinstance(out, torch.Tensor) and out.device.type == 'cpu': self.record(f'{func} to cpu')
+            if _is_device(src) and isinstance(out, torch.Tensor) and out.device.type == 'cpu':
+                self.counter._record(f'{func} to cpu')
         return out
 
 
 class _Function(TorchFunctionMode):
-    def __init__(self, record):
+    def __init__(self, counter):
         super().__init__()
-        self.record = record
+        self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_READS and not _is_device(args[0]): self.record(f'Tensor.{func.__name__}')
-        return func(*args, **(kwargs or {}))
+        c = self.counter
+        if func not in _HOST_READS or c._inside_read: return func(*args, **(kwargs or {}))
+        c._record(f'Tensor.{func.__name__}')
+        c._inside_read = True
+        try: return func(*args, **(kwargs or {}))
+        finally: c._inside_read = False
 
 
 class SyncCounter:
@@ -73,6 +82,7 @@ class SyncCounter:
 
     def __init__(self):
         self.reads: list[str] = []
+        self._inside_read = False
 
     @property
     def count(self) -> int: return len(self.reads)
@@ -80,7 +90,7 @@ class SyncCounter:
     def _record(self, what: str) -> None: self.reads.append(f'{what} at {_where()}')
 
     def __enter__(self) -> SyncCounter:
-        self._modes = [_Function(self._record), _Dispatch(self._record)]
+        self._modes = [_Function(self), _Dispatch(self)]
         for m in self._modes: m.__enter__()
         return self
 

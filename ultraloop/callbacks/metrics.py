@@ -150,5 +150,6 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
             rows = [r for r in m.history if r['train'] == phase]
             if rows: ax.plot([r['epoch'] for r in rows], [r[k] for r in rows], marker='o', label=phase)
         ax.set_title(k); ax.set_xlabel('epoch'); ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return show_or_save(fig, path, 'metrics.png')
