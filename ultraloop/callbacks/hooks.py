@@ -128,7 +128,8 @@ class HooksCallback(Callback):
 class ActivationStatsCB(HooksCallback):
     """Per-layer statistics of the activations, one row per batch: `hook.means`, `hook.stds` and `hook.hists`
     (histogram of |activation|, `bins` bins over `hist_range`, 40 over 0..10 as in the course), on the CPU.
-    They accumulate on the activations' device and are read once per epoch (no sync per batch).
+    They accumulate on the activations' device and are read once per epoch (no sync per batch). On CUDA the
+    histogram (`torch.histc`) adds atomically, so `torch.use_deterministic_algorithms(True)` needs `warn_only=True`.
     Figures: `color_dim()`, `dead_chart()`, `plot_stats()`; inline in a notebook, else saved, returning the PNG's path."""
 
     def __init__(self, mod_filter=None, on_train: bool = True, on_valid: bool = False,
@@ -170,30 +171,16 @@ class ActivationStatsCB(HooksCallback):
         if not hooks: raise ValueError('no activation statistics yet: fit with this callback in cbs first')
         return hooks
 
-    def _grid(self, n: int, figsize):
-        rows = max(1, int(math.sqrt(n)))
-        fig, axes = get_plt().subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
-        for ax in axes.flat[n:]: ax.set_axis_off()
-        return fig, axes.flat[:n]
-
     def color_dim(self, figsize=(11, 5), path: str | os.PathLike | None = None) -> Path | None:
-        """Per layer, the histogram of |activation| over batches (log scale): x batch, y magnitude bin."""
-        hooks = self._hooks_with_stats()
-        fig, axes = self._grid(len(hooks), figsize)
-        for ax, h in zip(axes, hooks):
-            ax.imshow(h.hists.t().log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(h.hists), *self.hist_range))
-            ax.set_title(f'{h.name} ({type(h.module).__name__})', fontsize=9)
-        return show_or_save(fig, path, 'color_dim.png')
+        """Per layer, the histogram of |activation| over batches (log scale): x batch, y magnitude."""
+        def draw(ax, h): ax.imshow(h.hists.t().log1p().numpy(), origin='lower', aspect='auto',
+                                   extent=(0, len(h.hists), *self.hist_range))
+        return show_or_save(_per_layer_figure(self._hooks_with_stats(), figsize, draw), path, 'color_dim.png')
 
     def dead_chart(self, figsize=(11, 5), path: str | os.PathLike | None = None) -> Path | None:
-        """Per layer, the fraction of near-zero activations over batches."""
-        hooks = self._hooks_with_stats()
-        fig, axes = self._grid(len(hooks), figsize)
-        for ax, h in zip(axes, hooks):
-            ax.plot(self.dead_fraction(h).numpy())
-            ax.set_ylim(0, 1)
-            ax.set_title(f'{h.name} ({type(h.module).__name__})', fontsize=9)
-        return show_or_save(fig, path, 'dead_chart.png')
+        """Per layer, the fraction of near-zero activations (`dead_fraction`) over batches."""
+        def draw(ax, h): ax.plot(self.dead_fraction(h).numpy()); ax.set_ylim(0, 1)
+        return show_or_save(_per_layer_figure(self._hooks_with_stats(), figsize, draw), path, 'dead_chart.png')
 
     def plot_stats(self, figsize=(10, 4), path: str | os.PathLike | None = None) -> Path | None:
         """Each layer's activation mean and standard deviation over batches."""
@@ -206,3 +193,15 @@ class ActivationStatsCB(HooksCallback):
         axes[1].set_title('Stdevs')
         axes[1].legend(fontsize=8)
         return show_or_save(fig, path, 'activation_stats.png')
+
+
+def _per_layer_figure(hooks: list[Hook], figsize, draw: Callable):
+    """A grid with one panel per hooked layer, titled with its name and type; `draw(ax, hook)` fills each."""
+    n = len(hooks)
+    rows = max(1, int(math.sqrt(n)))
+    fig, axes = get_plt().subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
+    for ax in axes.flat[n:]: ax.set_axis_off()
+    for ax, h in zip(axes.flat, hooks):
+        draw(ax, h)
+        ax.set_title(f'{h.name} ({type(h.module).__name__})', fontsize=9)
+    return fig
