@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import toy_data, toy_model
+from sync_count import SyncCounter
 from torch import nn
 from torch.nn import functional as F
 
@@ -180,6 +181,14 @@ def test_activation_stats_keep_the_batches_of_a_cancelled_fit_and_restart_each_f
     assert len(st.hooks[0].means) == 4
     learn.fit(3, cbs=SingleBatchCB())
     assert st.hooks[0].means.tolist() == [1.5]
+
+
+def test_activation_stats_read_no_value_per_batch():
+    st = ActivationStatsCB(on_valid=True)
+    learn = learner(n_train=256, bs=8, cbs=st)  # 32 train and 4 valid batches per epoch, 3 hooked layers
+    with SyncCounter() as sc: learn.fit(2)
+    assert sc.count == 0, sc.reads
+    assert [len(h.means) for h in st.hooks] == [2 * 36] * 3
 
 
 def test_activation_stats_figures_are_saved_as_png(tmp_path):
