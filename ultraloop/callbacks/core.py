@@ -1,6 +1,8 @@
 """The everyday callbacks: the plain supervised step (TrainCB) and moving model and batches to a device (DeviceCB)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..data import def_device, to_device
@@ -26,21 +28,74 @@ class TrainCB(Callback):
     def zero_grad(self, learn): learn.opt.zero_grad()
 
 
+_END = object()
+
+
+class _Prefetch:
+    """Iterates loader `dl` one batch ahead for a CUDA `device`: each batch is pinned and copied with non_blocking=True
+    on a side stream, issued before the current batch is handed out, so the copy runs during the current step.
+    Yields lists; len() and other attributes (`order`, `state_dict`, ...) are those of `dl`."""
+
+    def __init__(self, dl, device: torch.device):
+        self.dl, self.device = dl, device
+        self.stream = torch.cuda.Stream(device) if device.type == 'cuda' else None  # None: plain copies (CPU tests)
+
+    def __len__(self) -> int: return len(self.dl)
+
+    def __getattr__(self, name: str):
+        if name == 'dl': raise AttributeError(name)
+        return getattr(self.dl, name)
+
+    def __iter__(self):
+        it = iter(self.dl)
+        nxt = self._load(it)
+        while nxt is not _END:
+            if self.stream is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(self.stream)  # the step reads the batch only once its copy is done
+                for t in (nxt.values() if isinstance(nxt, Mapping) else nxt if isinstance(nxt, list) else (nxt,)):
+                    # its memory must not be reused while the step on the main stream may still read it
+                    if isinstance(t, torch.Tensor) and t.is_cuda: t.record_stream(main)
+            cur, nxt = nxt, self._load(it)
+            yield cur
+
+    def _load(self, it):
+        b = next(it, _END)
+        if b is _END: return _END
+        b = list(b) if isinstance(b, (list, tuple)) else b  # dicts and tensors pass to the loop's own batch check
+        if self.stream is None: return to_device(b, self.device)
+        if isinstance(b, list): b = [t.pin_memory() if isinstance(t, torch.Tensor) and not t.is_cuda and not t.is_pinned()
+                                     else t for t in b]  # a host copy, made while the GPU runs the current step
+        with torch.cuda.stream(self.stream): return to_device(b, self.device, non_blocking=True)
+
+
 class DeviceCB(Callback):
     """Moves the model to `device` before fit and each batch there before the step (a list, so callbacks may
-    assign `learn.batch[0]`). Copies from the CPU to CUDA are non_blocking."""
-    def __init__(self, device=def_device):
-        self.device, self._resident = torch.device(device), False
+    assign `learn.batch[0]`). On CUDA, batches are pinned and copied with non_blocking=True on a side stream, one
+    batch ahead, so the next batch's copy overlaps the current step (`prefetch=False`: copy each batch in
+    before_batch). A loader whose tensors already live on the device is left alone (no per-batch work)."""
+    def __init__(self, device=def_device, prefetch: bool = True):
+        self.device, self.prefetch, self._resident, self._dl = torch.device(device), prefetch, False, None
 
-    def before_fit(self, learn): learn.model.to(self.device)
+    def before_fit(self, learn):
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f"DeviceCB('{self.device}'): CUDA is not available on this machine; use DeviceCB() "
+                             f"(it picks {def_device!r}) or DeviceCB('cpu')")
+        learn.model.to(self.device)
 
     def before_epoch(self, learn):
         # a TensorLoader whose tensors already live on the device yields batches there: skip the per-batch move
         ts = getattr(learn.dl, 'tensors', None)
         self._resident = isinstance(ts, list) and all(isinstance(t, torch.Tensor) and _on(t, self.device) for t in ts)
+        if not self._resident and self.prefetch and self.device.type == 'cuda':
+            self._dl, learn.dl = learn.dl, _Prefetch(learn.dl, self.device)
+            self._resident = True  # the prefetcher hands out batches already on the device
 
     def before_batch(self, learn):
         if self._resident: return
         b = learn.batch
         if isinstance(b, tuple): b = list(b)
         learn.batch = to_device(b, self.device, non_blocking=self.device.type == 'cuda')
+
+    def cleanup_epoch(self, learn):
+        if self._dl is not None: learn.dl, self._dl = self._dl, None

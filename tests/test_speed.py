@@ -1,0 +1,214 @@
+"""Speed callbacks: channels-last, compile, whole-step CUDA graphs (their fallback on the CPU), DeviceCB's prefetch."""
+import pickle
+
+import pytest
+import torch
+from conftest import toy_data, toy_model
+from torch import nn
+from torch.nn import functional as F
+
+from ultraloop import (Callback, ChannelLastCB, ChannelsLastCB, CompileCB, CudaGraphCB, DataLoaders, DeviceCB, Learner,
+                       MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def fit_params(cbs, model=None, data=None, epochs=2, bs=16, learner=TrainLearner, device=None, **kw):
+    dls = DataLoaders.from_tensors(*(data or toy_data(72, 40)), bs=bs, shuffle=False, device=device)
+    learn = learner(model or toy_model(), dls, F.cross_entropy, lr=0.1, cbs=cbs, **kw)
+    learn.fit(epochs)
+    return learn, [p.detach().cpu().clone() for p in learn.model.parameters()]
+
+
+def assert_same(ps, qs, **tol):
+    assert len(ps) == len(qs)
+    for p, q in zip(ps, qs):
+        if tol: torch.testing.assert_close(p, q, **tol)
+        else: assert torch.equal(p, q)
+
+
+def conv_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 3))
+
+
+def image_data(n_train=40, n_valid=24):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_valid, 1, 10, 10, generator=g)
+    y = x.flatten(1)[:, :3].argmax(1)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+# ---- ChannelsLastCB -------------------------------------------------------------------------------------------------
+def test_channels_last_trains_images_in_channels_last_order():
+    seen = []
+
+    class Look(Callback):
+        def after_predict(self, learn):
+            seen.append((learn.batch[0].is_contiguous(memory_format=torch.channels_last),
+                         learn.model[0].weight.is_contiguous(memory_format=torch.channels_last)))
+
+    _, ps = fit_params([ChannelsLastCB(), Look()], conv_model(), image_data())
+    _, ref = fit_params([], conv_model(), image_data())
+    assert seen == [(True, True)] * len(seen) and len(seen) == 2 * (3 + 2)
+    assert_same(ps, ref, rtol=1e-5, atol=1e-6)  # the same function, another summation order
+    assert ChannelLastCB is ChannelsLastCB
+
+
+def test_channels_last_refuses_batches_that_are_not_images():
+    learn = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(), bs=16), F.cross_entropy, cbs=[ChannelsLastCB()])
+    with pytest.raises(ValueError, match=r'needs image batches N x C x H x W in batch\[0\], got \(16, 8\)'): learn.fit(1)
+
+
+# ---- CompileCB ------------------------------------------------------------------------------------------------------
+# aot_eager runs torch.compile's capture and autograd paths without a C++ compiler; inductor on this 2-core CPU takes
+# about half a minute per graph, so the GPU benchmark covers it.
+def test_compile_trains_like_eager_and_its_state_dict_loads_into_a_plain_model():
+    learn, ps = fit_params([CompileCB(backend='aot_eager')])
+    _, ref = fit_params([])
+    assert_same(ps, ref, rtol=1e-6, atol=1e-7)
+    sd = learn.model.state_dict()
+    assert list(sd) == list(toy_model().state_dict())  # no _orig_mod. prefix
+    plain = toy_model(seed=1)
+    plain.load_state_dict(sd)
+    x = toy_data()[0]
+    assert torch.equal(plain(x), learn.model(x))
+    pickle.dumps(learn.model)  # back to the class's forward after fit
+
+
+def test_compile_unwraps_a_model_the_user_compiled():
+    learn, _ = fit_params([CompileCB(backend='eager')], model=torch.compile(toy_model(), backend='eager'), epochs=1)
+    assert type(learn.model) is nn.Sequential and '0.weight' in learn.model.state_dict()
+
+
+def test_an_uneven_last_batch_compiles_once_not_per_epoch():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    learn, _ = fit_params([CompileCB(backend=counting_backend)], epochs=1)  # 72 = 4 x 16 + 8; valid 40 = 2 x 16 + 8
+    n = len(graphs)
+    assert 2 <= n <= 4  # static bs 16, then one dynamic graph; the valid phase may add its own
+    learn.fit(3)
+    assert len(graphs) == n
+
+
+# ---- CudaGraphCB ----------------------------------------------------------------------------------------------------
+def test_cuda_graph_falls_back_to_eager_on_the_cpu_with_a_one_line_reason(capsys):
+    cb = CudaGraphCB()
+    _, ps = fit_params([cb])
+    _, ref = fit_params([])
+    assert capsys.readouterr().out == 'CudaGraphCB: the model is on cpu, not a CUDA device; training eagerly\n'
+    assert cb.reason == 'the model is on cpu, not a CUDA device' and cb.replays == 0
+    assert_same(ps, ref)
+
+
+class Observe(Callback):
+    def after_backward(self, learn): pass
+
+
+@pytest.mark.parametrize('other, why', [
+    (Observe(), 'Observe() runs Python in after_backward, between predict and step'),
+    (MixedPrecisionCB(torch.float16), 'MixedPrecisionCB(float16) runs Python in after_loss, after_backward'),
+])
+def test_cuda_graph_names_the_callback_that_prevents_capture(other, why, capsys):
+    cb = CudaGraphCB()
+    fit_params([other, cb], epochs=1)
+    assert cb.reason.startswith(why)
+    out = capsys.readouterr().out
+    assert out.startswith(f'CudaGraphCB: {why}') and out.count('\n') == 1
+
+
+def test_bf16_mixed_precision_does_not_prevent_capture():
+    cb = CudaGraphCB()
+    fit_params([MixedPrecisionCB(torch.bfloat16), cb], epochs=1)
+    assert cb.reason == 'the model is on cpu, not a CUDA device'
+
+
+def test_cuda_graph_bad_warmup():
+    with pytest.raises(ValueError, match='warmup'): CudaGraphCB(warmup=0)
+
+
+@cuda
+@pytest.mark.parametrize('learner', [TrainLearner, MomentumLearner])
+def test_cuda_graph_equals_the_eager_step_on_a_gpu(learner):
+    data = toy_data(200, 40)  # 12 full train batches and a last one of 8: warm-up, capture, replays, an eager batch
+    cb = CudaGraphCB()
+    _, ps = fit_params([DeviceCB('cuda'), cb], data=data, learner=learner, epochs=2)
+    _, ref = fit_params([DeviceCB('cuda')], data=data, learner=learner, epochs=2)
+    assert cb.reason is None and cb.replays == (12 - 3) + 12  # epoch 1 warms up on 3 batches first
+    assert_same(ps, ref, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_graph_with_bf16_and_channels_last_equals_eager_on_a_gpu():
+    data = image_data(200, 40)
+    cbs = lambda: [DeviceCB('cuda'), ChannelsLastCB(), MixedPrecisionCB(torch.bfloat16)]
+    cb = CudaGraphCB()
+    _, ps = fit_params([*cbs(), cb], conv_model(), data)
+    _, ref = fit_params(cbs(), conv_model(), data)
+    assert cb.reason is None and cb.replays > 0
+    assert_same(ps, ref, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_a_host_sync_in_the_step_falls_back_with_the_same_results(capsys):
+    def syncing_loss(preds, y):
+        loss = F.cross_entropy(preds, y)
+        loss.item()  # a host sync: not allowed while capturing
+        return loss
+
+    def run(cbs):
+        dls = DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False)
+        learn = Learner(toy_model(), dls, syncing_loss, lr=0.1, cbs=[TrainCB(), DeviceCB('cuda'), *cbs])
+        learn.fit(1)
+        return [p.detach().cpu() for p in learn.model.parameters()]
+    cb = CudaGraphCB()
+    ps, ref = run([cb]), run([])
+    assert cb.reason.startswith('capture failed') and 'training eagerly from here' in capsys.readouterr().out
+    assert_same(ps, ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- DeviceCB ---------------------------------------------------------------------------------------------------------
+class Pulls:
+    """A loader of (x, y) tuples that records how many batches have been taken from it."""
+    def __init__(self, n): self.n, self.pulled = n, 0
+    def __len__(self): return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.pulled += 1
+            yield torch.full((2,), float(i)), torch.tensor([i])
+
+
+def test_prefetch_hands_out_each_batch_as_a_list_with_the_next_one_already_taken():
+    from ultraloop.callbacks.core import _Prefetch
+    dl = Pulls(4)
+    pf = _Prefetch(dl, torch.device('cpu'))
+    seen = [(b[0][0].item(), dl.pulled, type(b)) for b in pf]
+    assert seen == [(0.0, 2, list), (1.0, 3, list), (2.0, 4, list), (3.0, 4, list)]
+    assert len(pf) == 4 and pf.n == 4  # the loader's own attributes read through
+
+
+def test_device_cb_refuses_cuda_where_there_is_none():
+    if torch.cuda.is_available(): pytest.skip('this machine has CUDA')
+    learn = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(), bs=16), F.cross_entropy, cbs=[DeviceCB('cuda')])
+    with pytest.raises(ValueError, match=r"CUDA is not available on this machine; use DeviceCB\(\)"): learn.fit(1)
+
+
+@cuda
+def test_prefetching_to_the_gpu_trains_like_copying_in_before_batch():
+    seen = []
+
+    class Look(Callback):
+        def before_batch(self, learn): seen.append(learn.batch[0].is_cuda)
+
+    dev = DeviceCB('cuda')
+    learn, ps = fit_params([dev, Look()])
+    _, ref = fit_params([DeviceCB('cuda', prefetch=False)])
+    assert_same(ps, ref)
+    assert all(seen) and len(seen) == 2 * (5 + 3)
+    assert learn.dl is learn.dls.valid  # the loader is handed back after each phase
