@@ -350,3 +350,14 @@ def test_device_cb_leaves_resident_loader_batches_alone(monkeypatch):
     lists = DataLoaders(list(d.train), list(d.valid))
     TrainLearner(toy_model(), lists, F.cross_entropy, cbs=[DeviceCB('cpu')]).fit(1)
     assert len(moved) == len(ptrs)  # any other loader: every batch goes through to_device
+
+
+def test_single_iterable_callback_is_one_callback():
+    class Iterable(Callback):
+        def __iter__(self): return iter([1, 2])
+        def before_fit(self, learn): learn.seen = True
+
+    learn = TrainLearner(toy_model(), dls(), F.cross_entropy, cbs=Iterable())
+    assert len(learn.cbs) == 1
+    learn.fit(0)
+    assert learn.seen

@@ -81,7 +81,7 @@ def _check_callback(cb) -> None:
 
 def _as_cbs(cbs) -> list:
     if cbs is None: return []
-    if isinstance(cbs, (str, bytes, Mapping)) or not isinstance(cbs, Iterable): return [cbs]
+    if isinstance(cbs, (Callback, type, str, bytes, Mapping)) or not isinstance(cbs, Iterable): return [cbs]
     return list(cbs)
 
 
