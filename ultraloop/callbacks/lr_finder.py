@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import random
+import statistics
 import sys
 import warnings
 from collections import OrderedDict
@@ -17,55 +18,70 @@ __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_
 
 
 class LRFinderCB(Callback):
-    """Multiplies every group's lr by `lr_mult` after each training batch, recording `lrs` and `losses`; ends fit
-    when the loss exceeds `stop_div` times its minimum (or is NaN), and each valid phase at its first batch.
-    Reads the loss every batch, a host-device sync: the price of deciding when to stop, paid only here."""
+    """Multiplies every group's lr by `lr_mult` after each training batch, recording `lrs` and `losses` (each batch's
+    own loss); ends fit when the loss, smoothed by an exponential average (`beta`), exceeds `stop_div` times its
+    minimum, or is NaN; ends each valid phase at its first batch. The seed compared raw losses, which mini-batch noise
+    alone can trip long before the lr is too high; beta=0 does that. Reads the loss every batch, a host-device sync:
+    the price of deciding when to stop, paid only here."""
 
-    def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0):
+    def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0, beta: float = 0.9):
         for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
                 raise ValueError(f'LRFinderCB: {nm} must be a number > 1, got {v!r}')
-        self.lr_mult, self.stop_div = lr_mult, stop_div
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise ValueError(f'LRFinderCB: beta (loss smoothing) must be a number in [0, 1), got {beta!r}')
+        self.lr_mult, self.stop_div, self.beta = lr_mult, stop_div, beta
 
     def before_fit(self, learn):
         self.lrs: list[float] = []
         self.losses: list[float] = []
-        self.min = math.inf
+        self.min, self._avg = math.inf, 0.0
 
     def after_batch(self, learn):
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
-        loss = float(learn.loss)  # host sync (see the class doc)
+        loss = float(learn.loss.detach())  # host sync (see the class doc)
         self.losses.append(loss)
-        if loss < self.min: self.min = loss
-        if loss > self.min * self.stop_div or math.isnan(loss): raise CancelFitException()
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        smooth = self._avg / (1 - self.beta ** len(self.losses))  # debiased: the average starts at 0
+        if smooth < self.min: self.min = smooth
+        if smooth > self.min * self.stop_div or math.isnan(loss): raise CancelFitException()
         for g in learn.opt.param_groups: g['lr'] *= self.lr_mult
 
 
 def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.5, min_drop: float = 0.05) -> float | None:
     """The lr where the smoothed loss falls fastest against log10(lr), looking only at the descent before its minimum.
 
-    The loss is smoothed by a centred moving average over `smooth_decades` of lr (an exponential average would lag and
-    shift the answer to higher lrs). Returns None, with a warning, when there is no clear descent: too few points,
-    or the smoothed loss falls by less than `min_drop` of its start or by less than twice its noise."""
-    pts = [(lr, y) for lr, y in zip(lrs, losses) if lr > 0 and math.isfinite(y)]
+    Mini-batch losses are noisy, and the steepest point of a noisy curve is mostly noise: so the loss (its log when
+    all are > 0, making the descent scale-free) is smoothed by a running median then a running mean, each centred and
+    `smooth_decades` wide (an exponential average would lag and shift the answer to higher lrs), and each slope spans
+    that width too. Returns None, with a warning, when there is no clear descent: too few points, or the smoothed loss
+    falls by less than `min_drop` (a fraction) of its start or by less than twice its noise."""
+    pts = [(lr, v) for lr, v in zip(lrs, losses) if lr > 0 and math.isfinite(v)]
     if len(pts) < 8:
         warnings.warn(f'lr_find: only {len(pts)} usable points, too few to suggest an lr: lower start_lr or lr_mult, '
                       f'or give more batches (max_epochs)', stacklevel=3)
         return None
     x = [math.log10(lr) for lr, _ in pts]
     y = [v for _, v in pts]
+    log = min(y) > 0
+    if log: y = [math.log(v) for v in y]
     step = (x[-1] - x[0]) / (len(x) - 1)
-    half = max(1, round(smooth_decades / 2 / step)) if step > 0 else 1
-    ys = [sum(y[max(0, i - half):i + half + 1]) / len(y[max(0, i - half):i + half + 1]) for i in range(len(y))]
+    h = max(1, round(smooth_decades / 2 / step)) if step > 0 else 1
+
+    def near(a, i): return a[max(0, i - h):i + h + 1]
+    med = [statistics.median(near(y, i)) for i in range(len(y))]
+    ys = [statistics.fmean(near(med, i)) for i in range(len(y))]
     i_min = min(range(len(ys)), key=ys.__getitem__)
     drop = ys[0] - ys[i_min]
-    noise = math.sqrt(sum((y[i] - ys[i]) ** 2 for i in range(i_min + 1)) / (i_min + 1))
-    if i_min < 2 or drop <= max(min_drop * abs(ys[0]), 2 * noise):
+    noise = math.sqrt(statistics.fmean([(y[i] - ys[i]) ** 2 for i in range(i_min + 1)]))
+    least = -math.log(1 - min_drop) if log else min_drop * abs(ys[0])
+    if i_min < 2 or drop <= max(least, 2 * noise):
         warnings.warn('lr_find: the loss shows no clear descent, so no lr is suggested: look at the plot, try a lower '
                       'start_lr, or check that the model can learn', stacklevel=3)
         return None
-    slopes = {i: (ys[i + 1] - ys[i - 1]) / (x[i + 1] - x[i - 1]) for i in range(1, i_min)}
+    lo, hi = (lambda i: max(i - h, 0)), (lambda i: min(i + h, i_min))
+    slopes = {i: (ys[hi(i)] - ys[lo(i)]) / (x[hi(i)] - x[lo(i)]) for i in range(1, i_min)}
     return pts[min(slopes, key=slopes.__getitem__)][0]
 
 
