@@ -5,6 +5,8 @@ from .debug import *  # noqa: F401,F403
 from .debug import __all__ as _debug
 from .hooks import *  # noqa: F401,F403
 from .hooks import __all__ as _hooks
+from .logs import *  # noqa: F401,F403
+from .logs import __all__ as _logs
 from .lr_finder import *  # noqa: F401,F403
 from .lr_finder import __all__ as _lr_finder
 from .metrics import *  # noqa: F401,F403
@@ -13,7 +15,9 @@ from .optim import *  # noqa: F401,F403
 from .optim import __all__ as _optim
 from .precision import *  # noqa: F401,F403
 from .precision import __all__ as _precision
+from .progress import *  # noqa: F401,F403
+from .progress import __all__ as _progress
 from .schedule import *  # noqa: F401,F403
 from .schedule import __all__ as _schedule
 
-__all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics]
+__all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs]

@@ -1,0 +1,180 @@
+"""ProgressCB (no per-batch host read, the loss shown at a bounded rate, the epoch table, the plot), CSVLoggerCB
+and TensorBoardCB (rows equal MetricsCB's history)."""
+import csv
+import os
+import sys
+
+import pytest
+import torch
+from conftest import toy_data, toy_model
+from sync_count import SyncCounter
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+import ultraloop.callbacks.progress as progress
+from ultraloop import (Callback, CSVLoggerCB, DataLoaders, DeviceCB, MetricsCB, ProgressCB, SingleEpochCB, TensorBoardCB,
+                       TrainLearner)
+
+os.environ.setdefault('MPLBACKEND', 'Agg')
+
+
+def learner(n_batches=20, bs=4, cbs=()):
+    """n_batches in all: four fifths train, one fifth valid."""
+    dls = DataLoaders.from_tensors(*toy_data(n_batches * bs * 4 // 5, n_batches * bs // 5), bs=bs, seed=0)
+    metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'))
+    return TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[DeviceCB('cpu'), metrics, *cbs]), metrics
+
+
+def reads_in_one_epoch(n_batches):
+    learn, _ = learner(n_batches, cbs=[ProgressCB()])
+    with SyncCounter() as sc: learn.fit(1)
+    return sc
+
+
+def test_at_most_two_host_reads_per_100_batches(capsys):
+    sc = reads_in_one_epoch(500)
+    assert sc.count <= 10, sc.reads
+
+
+def test_host_reads_do_not_grow_with_the_number_of_batches(monkeypatch, capsys):
+    monkeypatch.setattr(progress, '_clock', lambda: 0.0)  # time stands still: no refresh falls due
+    few, many = reads_in_one_epoch(200), reads_in_one_epoch(500)
+    assert few.count == many.count == 4, many.reads  # accuracy and loss, once per phase
+
+
+class RecordLossCB(Callback):
+    order = 1
+
+    def before_fit(self, learn): self.losses = []
+    def after_batch(self, learn): self.losses.append((learn.epoch, learn.training, learn.iter, learn.loss.item()))
+
+
+def test_shown_loss_is_an_earlier_batch_loss_read_once_per_refresh(monkeypatch, capsys):
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(progress, '_clock', lambda: float(next(ticks)))  # one second per look at the clock
+    rec, prog = RecordLossCB(), ProgressCB(refresh=10)
+    learn, _ = learner(100, cbs=[prog, rec])  # 80 train + 20 valid batches
+    with SyncCounter() as sc: learn.fit(2)
+    shown = [r for r in sc.reads if 'progress.py' in r]
+    elapsed = next(ticks)
+    assert 0 < len(shown) <= elapsed / 10 + 1
+    assert len(prog.losses) >= 2 * 80 // 10 - 2
+    train = {(e, it): l for e, t, it, l in rec.losses if t}
+    for x, v in prog.losses:
+        epoch, read_at = divmod(round(x * 80) - 1, 80)  # x is epochs done: the batch after which it was read
+        assert v in [train[epoch, i] for i in range(read_at)]  # the loss of an earlier batch of that train phase
+
+
+def test_table_replaces_the_dicts_and_the_print_comes_back_after(capsys):
+    learn, m = learner(20, cbs=[])
+    learn.fit(2, cbs=[ProgressCB()])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ['accuracy', 'loss', 'epoch', 'train', 'time']
+    rows = [l.split() for l in lines[1:]]
+    assert [r[:4] for r in rows] == [[f"{h['accuracy']:.3f}", f"{h['loss']:.3f}", str(h['epoch']), h['train']]
+                                     for h in m.history]
+    learn.fit(1)
+    assert capsys.readouterr().out.splitlines()[0].startswith("{'accuracy': ")
+
+
+def test_an_overridden_log_is_left_alone(capsys):
+    class ListMetricsCB(MetricsCB):
+        def _log(self, d): self.rows.append(d)
+
+    m = ListMetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'))
+    m.rows = []
+    dls = DataLoaders.from_tensors(*toy_data(64, 16), bs=8, seed=0)
+    TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[m, ProgressCB()]).fit(1)
+    assert [r['train'] for r in m.rows] == ['train', 'eval']
+    assert capsys.readouterr().out == ''
+
+
+def test_plot_is_saved_after_fit_even_when_cancelled(tmp_path, capsys):
+    path = tmp_path / 'loss.png'
+    learn, _ = learner(20, cbs=[ProgressCB(plot=True, refresh=0, path=path), SingleEpochCB()])
+    learn.fit(3)
+    assert path.stat().st_size > 1000
+
+
+def test_progress_arguments_are_checked():
+    with pytest.raises(ValueError, match='refresh is seconds between loss reads'): ProgressCB(refresh=-1)
+
+
+def test_missing_tqdm_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tqdm.auto', None)
+    with pytest.raises(ImportError, match='ProgressCB needs tqdm: pip install tqdm'): ProgressCB()
+
+
+def read_csv(path):
+    with open(path, newline='') as f: return list(csv.reader(f))
+
+
+def test_csv_has_one_row_per_phase_flushed_as_written_and_appends_on_resume(tmp_path, capsys):
+    path = tmp_path / 'logs' / 'history.csv'
+    seen = []
+
+    class PeekCB(Callback):
+        order = 20  # after the logger has written the phase's row
+        def after_epoch(self, learn): seen.append(len(read_csv(path)))
+
+    learn, m = learner(20, cbs=[CSVLoggerCB(path), PeekCB()])
+    learn.fit(2)
+    assert seen == [2, 3, 4, 5]  # header + one row per phase, on disk as each phase ends
+    rows = read_csv(path)
+    assert rows[0] == ['accuracy', 'loss', 'epoch', 'train']
+    assert rows[1:] == [[str(h['accuracy']), str(h['loss']), str(h['epoch']), h['train']] for h in m.history]
+    learn2, m2 = learner(20, cbs=[CSVLoggerCB(path)])
+    learn2.fit(1)
+    rows2 = read_csv(path)
+    assert rows2[:5] == rows and len(rows2) == 7 and rows2[5][3] == 'train'
+
+
+def test_csv_with_other_columns_is_refused_before_any_batch(tmp_path, capsys):
+    path = tmp_path / 'h.csv'
+    path.write_text('acc,loss,epoch,train\n0.5,1.0,0,train\n')
+    learn, m = learner(20, cbs=[])
+    with pytest.raises(ValueError, match=r"h.csv has the columns \['acc', 'loss', 'epoch', 'train'\], this run logs "
+                                         r"\['accuracy', 'loss', 'epoch', 'train'\]: pass another path"):
+        learn.fit(1, cbs=[CSVLoggerCB(path)])
+    assert m.history == []
+    assert path.read_text() == 'acc,loss,epoch,train\n0.5,1.0,0,train\n'
+    learn.fit(1, cbs=[CSVLoggerCB(tmp_path / 'new.csv')])
+    assert len(read_csv(tmp_path / 'new.csv')) == 3
+
+
+def test_loggers_need_metrics(tmp_path):
+    dls = DataLoaders.from_tensors(*toy_data(16, 8), bs=8, seed=0)
+    learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[CSVLoggerCB(tmp_path / 'h.csv')])
+    with pytest.raises(ValueError, match=r'CSVLoggerCB writes the rows MetricsCB computes; add MetricsCB\(...\) to cbs'):
+        learn.fit(1)
+
+
+def test_tensorboard_event_file_holds_the_history(tmp_path, capsys):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    learn, m = learner(20, cbs=[TensorBoardCB(tmp_path / 'runs')])
+    learn.fit(2)
+    files = list((tmp_path / 'runs').glob('events.out.tfevents.*'))
+    assert len(files) == 1
+    ea = EventAccumulator(str(files[0]))
+    ea.Reload()
+    for key in ('accuracy', 'loss'):
+        for phase in ('train', 'eval'):
+            got = [(s.step, s.value) for s in ea.Scalars(f'{key}/{phase}')]
+            want = [(h['epoch'], h[key]) for h in m.history if h['train'] == phase]
+            assert [s for s, _ in got] == [s for s, _ in want]
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+
+
+def test_missing_tensorboard_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    with pytest.raises(ImportError, match=r'TensorBoardCB needs tensorboard: pip install tensorboard'): TensorBoardCB()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_shown_loss_on_cuda_comes_from_a_finished_copy(capsys):
+    dls = DataLoaders.from_tensors(*toy_data(800, 160), bs=4, seed=0, device='cuda')
+    prog, rec = ProgressCB(refresh=0), RecordLossCB()
+    TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[DeviceCB('cuda'), prog, rec]).fit(1)
+    train = {l for e, t, it, l in rec.losses if t}
+    assert prog.losses and all(v in train for _, v in prog.losses)

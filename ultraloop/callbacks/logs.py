@@ -1,0 +1,78 @@
+"""Writing MetricsCB's row for each epoch phase to files: a CSV table (CSVLoggerCB) and TensorBoard (TensorBoardCB)."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ..learner import Callback
+from .metrics import MetricsCB, _metrics_cb
+
+__all__ = ['CSVLoggerCB', 'TensorBoardCB']
+
+
+def _need_metrics(cb, learn) -> MetricsCB:
+    m = _metrics_cb(learn)
+    if m is None:
+        raise ValueError(f'{cb.name} writes the rows MetricsCB computes; add MetricsCB(...) to cbs, e.g. '
+                         f'cbs=[MetricsCB(), {cb.name}(...)]')
+    return m
+
+
+class CSVLoggerCB(Callback):
+    """Appends one row per epoch phase (MetricsCB's numbers: metrics, loss, epoch, train/eval) to the CSV file at
+    `path`, flushed as it is written. A run that finds the file appends to it, header once; a file whose header
+    differs is refused before any batch runs."""
+    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+
+    def __init__(self, path: str | os.PathLike = 'history.csv'):
+        self.path = Path(path)
+        self._file = None
+
+    def before_fit(self, learn):
+        self._metrics = _need_metrics(self, learn)
+        cols = self._metrics.columns
+        old = self._header()
+        if old is not None and old != cols:
+            raise ValueError(f'{self.path} has the columns {old}, this run logs {cols}: pass another path to CSVLoggerCB')
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, 'a', newline='')
+        self._writer = csv.DictWriter(self._file, fieldnames=cols)
+        if old is None: self._writer.writeheader()
+
+    def _header(self) -> list[str] | None:
+        if not self.path.exists() or self.path.stat().st_size == 0: return None
+        with open(self.path, newline='') as f: return next(csv.reader(f), None)
+
+    def after_epoch(self, learn):
+        self._writer.writerow(self._metrics.history[-1])
+        self._file.flush()
+
+    def cleanup_fit(self, learn):
+        if self._file is not None: self._file.close(); self._file = None
+
+
+class TensorBoardCB(Callback):
+    """Writes each epoch phase's metrics and loss to TensorBoard in `log_dir`, as `<name>/train` and `<name>/eval`
+    scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package."""
+    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+
+    def __init__(self, log_dir: str | os.PathLike = 'runs'):
+        try: from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError('TensorBoardCB needs tensorboard: pip install tensorboard (or ultraloop[logs])') from None
+        self._writer_cls, self.log_dir, self._writer = SummaryWriter, Path(log_dir), None
+
+    def before_fit(self, learn):
+        self._metrics = _need_metrics(self, learn)
+        self._writer = self._writer_cls(log_dir=str(self.log_dir))
+
+    def after_epoch(self, learn):
+        row = self._metrics.history[-1]
+        for k in self._metrics.all_metrics:
+            v = row[k]
+            if isinstance(v, (int, float)): self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
+        self._writer.flush()
+
+    def cleanup_fit(self, learn):
+        if self._writer is not None: self._writer.close(); self._writer = None

@@ -1,0 +1,123 @@
+"""Progress bars, the epoch table and live loss curves, none of which waits on the device per batch (ProgressCB)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..learner import Callback
+from ..plotting import in_notebook
+from .metrics import MetricsCB, _metrics_cb
+
+__all__ = ['ProgressCB']
+
+_clock = time.monotonic
+
+
+def _tqdm():
+    try: from tqdm.auto import tqdm
+    except ImportError: raise ImportError('ProgressCB needs tqdm: pip install tqdm (or ultraloop[progress])') from None
+    return tqdm
+
+
+class ProgressCB(Callback):
+    """`tqdm.auto` bars over epochs and batches (terminal and notebook) showing the loss, and MetricsCB's rows as a
+    table printed as each phase completes (in place of its dicts). The loss shown is a host copy started `refresh`
+    seconds earlier (non_blocking): at most one read per `refresh` seconds, none that waits for the device.
+    `plot=True` draws the train loss samples and each phase's mean loss: live in a notebook, saved to `path`
+    (default `progress.png`) after fit elsewhere."""
+    order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
+
+    def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
+            raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
+        self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
+        if plot:
+            from ..plotting import get_plt
+            get_plt()  # a missing matplotlib fails here, not after the first epoch
+        self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
+        self._fig = self._handle = None
+
+    def before_fit(self, learn):
+        self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
+        self._metrics = m = _metrics_cb(learn)
+        self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
+        if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
+        self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
+
+    def before_epoch(self, learn):
+        self._mbar.update(learn.epoch - self._mbar.n)
+        n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
+        self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
+        self._t0, self._next, self._n, self._pending = _clock(), 0.0, n, False  # a copy from the last phase is stale
+
+    def after_batch(self, learn):
+        self._bar.update()
+        if (t := _clock()) >= self._next:
+            self._next = t + self.refresh
+            self._show_loss(learn)
+
+    def _show_loss(self, learn) -> None:
+        """Show the loss copied at the last refresh if that copy is done, then start copying the current one."""
+        if self._pending and (self._event is None or self._event.query()):
+            v = self._host.item()  # a host tensor whose copy has finished: no wait on the device
+            self._bar.set_postfix_str(f'loss {v:.4f}', refresh=False)
+            if learn.training: self.losses.append((learn.epoch + (learn.iter + 1) / (self._n or learn.iter + 1), v))
+        loss = learn.loss.detach()
+        if self._host is None or self._host.dtype != loss.dtype:
+            self._host = torch.empty((), dtype=loss.dtype, pin_memory=loss.is_cuda)
+        self._host.copy_(loss, non_blocking=True)
+        self._pending, self._event = True, None
+        if loss.device.type != 'cpu':  # the copy is done when the device passes this mark
+            self._event = torch.Event(device=loss.device)
+            self._event.record()
+
+    def after_epoch(self, learn): self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None: self._bar.close(); self._bar = None
+
+    def _write_row(self, d: dict) -> None:
+        """One line of the epoch table (a header first): MetricsCB's dict and the phase's time."""
+        d = {**d, 'time': _mmss(_clock() - self._t0)}
+        widths = [max(len(k), 7) + 2 for k in d]
+        if self._header != list(d):
+            self._header = list(d)
+            self._tqdm.write(''.join(k.ljust(w) for k, w in zip(d, widths)).rstrip())
+        self._tqdm.write(''.join(str(v).ljust(w) for v, w in zip(d.values(), widths)).rstrip())
+
+    def cleanup_epoch(self, learn):
+        self._close_bar()
+        if self.plot and in_notebook(): self._draw(live=True)
+
+    def after_fit(self, learn): self._mbar.update(learn.n_epochs - self._mbar.n)
+
+    def cleanup_fit(self, learn):
+        self._close_bar()
+        self._mbar.close()
+        if self._took_log: del self._metrics._log
+        if self.plot and not in_notebook() and (self.losses or self._phase_losses()): self._draw(live=False)
+
+    def _phase_losses(self) -> dict[str, list]:
+        h = self._metrics.history if self._metrics is not None else []
+        return {ph: [(r['epoch'] + 1, r['loss']) for r in h if r['train'] == ph] for ph in ('train', 'eval')}
+
+    def _draw(self, live: bool) -> Path | None:
+        from ..plotting import get_plt, show_or_save
+        plt = get_plt()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if self.losses: ax.plot(*zip(*self.losses), alpha=0.5, label='train (samples)')
+        for ph, pts in self._phase_losses().items():
+            if pts: ax.plot(*zip(*pts), marker='o', label=f'{ph} (phase mean)')
+        ax.set_xlabel('epoch'); ax.set_ylabel('loss'); ax.legend()
+        if not live: return show_or_save(fig, self.path, 'progress.png')
+        from IPython.display import display
+        if self._handle is None: self._handle = display(fig, display_id=True)
+        else: self._handle.update(fig)
+        plt.close(fig)
+        return None
+
+
+def _mmss(s: float) -> str: return f'{int(s) // 60:02d}:{int(s) % 60:02d}'
