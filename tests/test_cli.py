@@ -80,3 +80,51 @@ def test_subprocess_bad_arguments_and_missing_files_one_line_no_traceback(tmp_pa
     assert len(last) == 1 and 'Traceback' not in r.stderr
     assert re.fullmatch(r'ultraloop: error: FashionMNIST files not found: train-images-idx3-ubyte\.gz, .*'
                         r'put the four IDX files .* in .*/FashionMNIST/raw/', last[0])
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / 'demo'
+    r = run_cli('demo', '--epochs', '1', '--out', out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'data: digits (1,438 train, 359 valid, (1, 8, 8)), model: cnn' in r.stdout
+    assert re.search(r'^(suggested lr: \d|no clear descent; using lr)', r.stdout, re.M)
+    assert re.search(r'^valid: accuracy 0\.\d{3}, loss \d+\.\d{3}$', r.stdout, re.M)
+    assert r.stdout.rstrip().splitlines()[-1] == f'run folder: {out} (loss.png, lr_find.png)'
+    for png in ('loss.png', 'lr_find.png'): assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_fit_fashion_mnist_files_end_to_end(tmp_path):
+    from test_datasets import write_fashion
+    write_fashion(tmp_path / 'data' / 'FashionMNIST' / 'raw', n_train=96, n_test=40)
+    csv = tmp_path / 'metrics.csv'
+    r = run_cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path / 'data', '--model', 'mlp', '--epochs', '2',
+                '--bs', '32', '--opt', 'sgd', '--lr', '0.05', '--one-cycle', '--precision', 'bf16', '--device', 'cpu',
+                '--csv', csv, '--out', tmp_path / 'run')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ('data: fashion-mnist (96 train, 40 valid, (1, 28, 28)), model: mlp, opt: sgd, device: cpu, '
+            'precision: bf16') in r.stdout
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 and 'accuracy' in rows[0]  # a header, then train and valid for each epoch
+    assert (tmp_path / 'run' / 'loss.png').read_bytes()[:8] == PNG
+
+
+def test_lr_find_end_to_end(tmp_path):
+    r = run_cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--out', tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r'^suggested lr: (\d|none)', r.stdout, re.M)
+    assert (tmp_path / 'lr_find.png').read_bytes()[:8] == PNG
+
+
+def test_fit_is_reproducible_from_its_seed_and_names_its_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def fit(seed):
+        assert main(['fit', '--model', 'mlp', '--epochs', '1', '--seed', str(seed)]) == 0
+        out = capsys.readouterr().out
+        folder = re.search(r'^run folder: (\S+) \(loss\.png\)$', out, re.M).group(1)
+        assert (tmp_path / folder / 'loss.png').is_file()
+        return re.search(r'^valid: (.*)$', out, re.M).group(1), folder
+
+    (a, fa), (b, fb), (c, _) = fit(3), fit(3), fit(4)
+    assert re.fullmatch(r'runs/fit-\d{8}-\d{6}(-\d+)?', fa) and fa != fb
+    assert a == b and a != c
