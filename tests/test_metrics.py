@@ -123,20 +123,33 @@ def test_metrics_follow_the_batch_device():
     assert moved == [torch.device('cpu')] * 2
 
 
-def test_steps_that_reuse_output_buffers_are_counted_exactly(capsys):
-    class StaticBufferLearner(TrainLearner):
-        """Writes predictions and targets into the same tensors every batch, as a CUDA-graph replay does."""
-        def predict(self):
-            out = self.model(self.batch[0])
-            if not hasattr(self, 'y_buf'):
-                self.y_buf, self.p_buf = torch.empty_like(self.batch[1]), torch.empty_like(out.detach())
-            self.batch[1] = self.y_buf.copy_(self.batch[1])
-            self.preds = out if self.training else self.p_buf.copy_(out)  # train preds keep their graph for backward
+class StaticBufferLearner(TrainLearner):
+    """Writes targets (and valid predictions) into the same tensors every batch, as a CUDA-graph replay does."""
+    def predict(self):
+        out = self.model(self.batch[0])
+        if not hasattr(self, 'y_buf'):
+            self.y_buf, self.p_buf = torch.empty_like(self.batch[1]), torch.empty_like(out.detach())
+        self.batch[1] = self.y_buf.copy_(self.batch[1])
+        self.preds = out if self.training else self.p_buf.copy_(out)  # train preds keep their graph for backward
+
+
+def test_outputs_written_in_place_are_counted_exactly_when_declared(capsys):
+    class DeclaredLearner(StaticBufferLearner):
+        reuses_outputs = True
 
     m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'))
-    learn, rec = fit(m, n_train=128, n_valid=64, bs=32, epochs=1, learner=StaticBufferLearner)
+    learn, rec = fit(m, n_train=128, n_valid=64, bs=32, epochs=1, learner=DeclaredLearner)
     for row, phase in zip(m.history, rec.phases):
         assert row['accuracy'] == pytest.approx(by_hand(phase)[0], abs=1e-6)
+
+
+def test_outputs_written_in_place_undeclared_lose_one_batch_with_a_warning(capsys):
+    m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'))
+    with pytest.warns(UserWarning, match="reuse the last batch's memory, so that batch is left out"):
+        learn, rec = fit(m, n_train=128, n_valid=64, bs=32, epochs=1, learner=StaticBufferLearner)
+    train, valid = rec.phases
+    assert m.history[0]['accuracy'] == pytest.approx(by_hand(train[1:])[0], abs=1e-6)  # its first batch was overwritten
+    assert m.history[1]['accuracy'] == pytest.approx(by_hand(valid)[0], abs=1e-6)  # copied from its first batch on
 
 
 def test_no_host_read_per_batch_one_per_metric_per_phase(capsys):

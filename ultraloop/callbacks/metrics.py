@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from copy import copy
 from pathlib import Path
 
@@ -53,7 +54,9 @@ class MetricsCB(Callback):
     numbers. Nothing is read from the device per batch: predictions and targets are kept (detached) on the device and
     handed to the metrics in one `update` per chunk, when `buffer_bytes` is reached and at the phase end. For metrics
     that sum over samples (accuracy, F1, MSE, ...: all of torchmetrics' and torcheval's) that equals one update per
-    batch; set `buffer_bytes = 0` for a metric whose value depends on how the samples are split into batches."""
+    batch; set `buffer_bytes = 0` for a metric whose value depends on how the samples are split into batches.
+    A step that writes its outputs into the same tensors every batch (a CUDA graph replay) must say so with
+    `reuses_outputs = True` on its callback or Learner: MetricsCB then copies each batch's outputs."""
     order = 0
     buffer_bytes = 64 * 2**20  # device memory held for predictions and targets before an update; bounds the chunk
 
@@ -75,11 +78,12 @@ class MetricsCB(Callback):
     def before_fit(self, learn):
         learn.metrics = self
         self.history, self._device = [], None
+        # a step that writes its outputs into the same tensors every batch (CUDA graphs) says so: copy them
+        self._clone = getattr(learn, 'reuses_outputs', False) or any(getattr(cb, 'reuses_outputs', False) for cb in learn.cbs)
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._ps, self._ys, self._nbytes = [], [], 0
-        self._first, self._clone = None, None
+        self._ps, self._ys, self._nbytes, self._ptrs = [], [], 0, None
 
     def after_batch(self, learn):
         y = learn.batch[1]  # the seed's batch: (x, y, ...)
@@ -89,15 +93,25 @@ class MetricsCB(Callback):
     def _add(self, p, y) -> None:
         if not (isinstance(p, torch.Tensor) and isinstance(y, torch.Tensor)): return self._update(p, y)
         p = p.detach()
-        if self._clone is None:  # first batches of a phase: does the step reuse its output buffers (CUDA graphs)?
-            if self._first is None: self._first, (p, y) = (p, y), (p.clone(), y.clone())
-            else:
-                f = self._first
-                self._clone, self._first = p.data_ptr() == f[0].data_ptr() or y.data_ptr() == f[1].data_ptr(), None
-        if self._clone: p, y = p.clone(), y.clone()  # a reused buffer is overwritten by the next step
+        if self._clone: p, y = p.clone(), y.clone()  # the next step overwrites these tensors
+        else:
+            ptrs = p.data_ptr(), y.data_ptr()  # the last batch's tensors are alive in the buffer: same address, same memory
+            if self._ps and (ptrs[0] == self._ptrs[0] or ptrs[1] == self._ptrs[1]): p, y = self._reused(p, y)
+            self._ptrs = ptrs
         self._ps.append(p); self._ys.append(y)
         self._nbytes += p.nbytes + y.nbytes
         if self._nbytes >= self.buffer_bytes: self._flush()
+
+    def _reused(self, p, y):
+        """This batch's outputs sit where the last batch's did, so the buffered last batch now reads as this one: drop it
+        and copy every batch from now on."""
+        warnings.warn('MetricsCB: learn.preds or the targets reuse the last batch\'s memory, so that batch is left out of '
+                      'this phase\'s metrics and later ones are copied; a callback or Learner that writes its outputs in '
+                      'place should set reuses_outputs = True', stacklevel=3)
+        self._nbytes -= self._ps[-1].nbytes + self._ys[-1].nbytes
+        del self._ps[-1], self._ys[-1]
+        self._clone = True
+        return p.clone(), y.clone()
 
     def _flush(self) -> None:
         ps, ys = self._ps, self._ys
