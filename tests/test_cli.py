@@ -62,6 +62,22 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert re.search(message, err.strip())
 
 
+def test_bad_paths_exit_2_with_one_line(tmp_path, capsys):
+    a_file = tmp_path / 'notes.txt'
+    a_file.write_text('x')
+    for argv, message in [(['fit', '--out', a_file], f'--out {a_file} is a file; give a folder for the run'),
+                          (['fit', '--csv', tmp_path], f'--csv {tmp_path} is a folder; give the path of a .csv file'),
+                          (['demo', '--out', a_file], f'--out {a_file} is a file')]:
+        with pytest.raises(SystemExit) as e: main(list(map(str, argv)))
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    # a path the OS refuses once training starts (its parent is a file): still one line, exit code 2
+    assert main(['fit', '--model', 'mlp', '--epochs', '1', '--csv', str(a_file / 'm.csv'), '--out', str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # after the progress bar it had started
+    assert err.endswith('\n') and 'Traceback' not in err
+    assert re.fullmatch(r'ultraloop: error: .*notes\.txt.*', err.splitlines()[-1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message on a machine without CUDA')
 def test_cuda_without_cuda_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e: main(['fit', '--device', 'cuda'])

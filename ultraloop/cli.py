@@ -114,7 +114,15 @@ def _device(name: str, parser: argparse.ArgumentParser):
     return torch.device(name)
 
 
+def _check_paths(args) -> None:
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        args.parser.error(f'--out {args.out} is a file; give a folder for the run')
+    if getattr(args, 'csv', None) is not None and args.csv.is_dir():
+        args.parser.error(f'--csv {args.csv} is a folder; give the path of a .csv file')
+
+
 def _check_data_args(args) -> None:
+    _check_paths(args)
     if args.data == 'digits' and args.data_dir is not None:
         args.parser.error('--data-dir is for --data fashion-mnist; the digits ship with scikit-learn')
     if args.data == 'fashion-mnist':
@@ -134,7 +142,6 @@ def _run_dir(out: Path | None, command: str) -> Path:
         base = Path('runs') / f'{command}-{time.strftime("%Y%m%d-%H%M%S")}'
         out, i = base, 1
         while out.exists(): i += 1; out = base.with_name(f'{base.name}-{i}')
-    if out.exists() and not out.is_dir(): raise FileExistsError(f'--out {out} is a file; give a folder')
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -185,6 +192,7 @@ def _last_valid(learn) -> str:
 # ---- the commands ------------------------------------------------------------------------------------------------
 def _demo(args) -> int:
     args.data, args.data_dir = 'digits', None
+    _check_paths(args)
     learn, n_out = _learner(args, 'cnn', 'adamw', 'no', 64)
     out = _run_dir(args.out, 'demo')
     print('LR finder: the lr grows 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum')
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these
         msg = ' '.join(str(e).split())  # one line, whatever the message held
         print(f'ultraloop: error: {msg}', file=sys.stderr)
         return 2
