@@ -8,7 +8,7 @@ from torch import nn, optim
 from torch.nn import functional as F
 
 from ultraloop import (Callback, CancelEpochException, CancelFitException, DataLoaders, GradientAccumulationCB,
-                       GradientClippingCB, MomentumLearner, TrainLearner)
+                       GradientClippingCB, MixedPrecisionCB, MomentumLearner, TrainLearner)
 
 SIZES = [5, 3, 7, 2, 6, 4, 8, 1, 5, 3]  # 10 uneven micro-batches
 
@@ -136,9 +136,11 @@ def test_clipping_alone_matches_clip_grad_norm():
         assert_params_equal([got], [params(model)], atol=1e-12)
 
 
-def test_momentum_learner_keeps_its_carried_gradient_unscaled():
+@pytest.mark.parametrize('fp16', [False, True])
+def test_momentum_learner_keeps_its_carried_gradient_unscaled(fp16):
     # MomentumLearner's zero_grad leaves mom * grad; a window must add its mean gradient to that, not rescale it
-    _, rec = run(3, learner=MomentumLearner, mom=0.85)
+    extra = [MixedPrecisionCB(torch.float16, device_type='cpu')] if fp16 else []
+    _, rec = run(3, learner=MomentumLearner, mom=0.85, extra=extra)
     big = [[torch.cat([b[0] for b in make_batches()[i:i + 3]]), torch.cat([b[1] for b in make_batches()[i:i + 3]])]
            for i in range(0, 10, 3)]
     ref = MomentumLearner(make_model(), DataLoaders(ListLoader(big), []), F.mse_loss, lr=0.1, cbs=[want := Record()], mom=0.85)
@@ -185,3 +187,13 @@ def test_bs_func_weights_micro_batches():
     with torch.no_grad():
         for p in model.parameters(): p -= 0.1 * p.grad
     assert_params_equal(rec.steps, [params(model)], atol=1e-12)
+
+
+@pytest.mark.parametrize('loader_cls', [ListLoader, NoLenLoader])
+def test_composes_with_float16_loss_scaling(loader_cls):
+    # a float64 model: autocast leaves it alone and the scaler multiplies by powers of two, so the result stays exact
+    mp = MixedPrecisionCB(torch.float16, device_type='cpu')
+    _, rec = run(3, loader_cls, extra=[mp, GradientClippingCB(max_norm=0.05)])
+    want_steps, _ = reference(make_batches(), 3, n_epochs=2, max_norm=0.05)
+    assert_params_equal(rec.steps, want_steps)
+    assert mp.skipped == 0 and mp.scaler._growth_tracker.item() == len(want_steps)  # one scaler update per real step

@@ -48,9 +48,10 @@ class GradientAccumulationCB(Callback):
 
     The epoch's last window ends at its last batch (known from len(learn.dl)) and steps through the normal path.
     For a loader without a length the pending window steps in after_epoch, replaying after_backward, step,
-    after_step and zero_grad there. Gradients never cross epochs: a window left open by a cancelled epoch or fit is
-    dropped. `bs_func(batch)` counts a batch's samples (default: `batch_size`, the len of its first element);
-    return token counts for a loss averaged over tokens. Optimiser steps per epoch: ceil(batches / n).
+    after_step, zero_grad and cleanup_batch there (not after_batch: metrics already saw every micro-batch).
+    Gradients never cross epochs: a window left open by a cancelled epoch or fit is dropped. `bs_func(batch)` counts
+    a batch's samples (default: `batch_size`, the len of its first element); return token counts for a loss averaged
+    over tokens. Optimiser steps per epoch: ceil(batches / n).
     """
     order = -30  # first of the gradient callbacks: later ones must see the whole window's gradient
 
@@ -97,7 +98,9 @@ class GradientAccumulationCB(Callback):
             learn.callback('after_step')
             learn.zero_grad()
         except CancelStepException: learn.zero_grad()  # a skipped last step must not carry into the next epoch
-        finally: self._flushing = False
+        finally:
+            self._flushing = False
+            learn.callback('cleanup_batch')  # per-step bookkeeping lives there too (MixedPrecisionCB's scaler update)
 
     def cleanup_fit(self, learn): self._drop_window()
 
