@@ -174,10 +174,17 @@ def test_the_scaler_state_round_trips():
 
 
 def test_defaults_and_bad_arguments():
-    assert MixedPrecisionCB().dtype == torch.bfloat16 and MixedTrainingCB().dtype == torch.float16
-    assert isinstance(MixedTrainingCB(), MixedPrecisionCB)
+    assert MixedPrecisionCB().dtype == torch.bfloat16 and isinstance(MixedTrainingCB(), MixedPrecisionCB)
     with pytest.raises(ValueError, match='torch.bfloat16 or torch.float16'): MixedPrecisionCB(torch.float32)
     with pytest.raises(TypeError, match="device_type must be a string"): MixedPrecisionCB(device_type=0)
     learn = make_learner('TrainLearner', [MixedPrecisionCB(torch.float16)])
     learn.opt_func = None
     with pytest.raises(ValueError, match='needs learn.opt'): learn.fit(1)
+
+
+def test_mixed_training_uses_bf16_off_cuda_and_the_dtype_asked_for():
+    auto, fp16 = [Record('after_predict', lambda learn: learn.preds.dtype) for _ in range(2)]
+    make_learner('MomentumLearner', [MixedTrainingCB(), auto]).fit(1)
+    make_learner('MomentumLearner', [MixedTrainingCB(torch.float16), fp16]).fit(1)
+    assert set(auto.seen) == {torch.bfloat16} and set(fp16.seen) == {torch.float16}
+    assert repr(MixedTrainingCB()) == 'MixedTrainingCB(float16 on CUDA, else bfloat16)'

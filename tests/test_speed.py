@@ -212,3 +212,68 @@ def test_prefetching_to_the_gpu_trains_like_copying_in_before_batch():
     assert_same(ps, ref)
     assert all(seen) and len(seen) == 2 * (5 + 3)
     assert learn.dl is learn.dls.valid  # the loader is handed back after each phase
+
+
+# ---- AccelerateCB ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_accelerate():
+    state = pytest.importorskip('accelerate.state')
+    state.AcceleratorState._reset_state(True)  # accelerate keeps one state per process; each test picks its own
+    yield
+    state.AcceleratorState._reset_state(True)
+
+
+def test_accelerate_without_mixed_precision_trains_like_train_cb(fresh_accelerate):
+    from ultraloop import AccelerateCB
+    cb = AccelerateCB(mixed_precision='no')
+    learn, ps = fit_params([cb], learner=Learner)
+    _, ref = fit_params([TrainCB()], learner=Learner)
+    assert_same(ps, ref)
+    opt, model = learn.opt, learn.model
+    learn.fit(1)  # a second fit reuses what was prepared instead of wrapping it again
+    assert learn.opt is opt and learn.model is model and type(opt).__name__ == 'AcceleratedOptimizer'
+
+
+def test_accelerate_bf16_autocasts_the_forward_on_the_cpu(fresh_accelerate):
+    from ultraloop import AccelerateCB
+    dtypes = []
+
+    class Look(Callback):
+        def after_predict(self, learn): dtypes.append(learn.preds.dtype)
+
+    _, ps = fit_params([AccelerateCB(mixed_precision='bf16'), Look()], learner=Learner)
+    _, ref = fit_params([TrainCB(), MixedPrecisionCB(torch.bfloat16)], learner=Learner)
+    assert set(dtypes) == {torch.float32}  # accelerate hands back fp32 outputs from a bf16 forward
+    assert_same(ps, ref)
+
+
+def test_accelerate_bad_mode():
+    from ultraloop import AccelerateCB
+    with pytest.raises(ValueError, match="mixed_precision must be one of 'no', 'fp16', 'bf16', 'fp8', got 'half'"):
+        AccelerateCB(mixed_precision='half')
+
+
+def test_accelerate_missing_says_how_to_install(monkeypatch):
+    import builtins
+
+    from ultraloop import AccelerateCB
+    real_import = builtins.__import__
+
+    def no_accelerate(name, *a, **kw):
+        if name == 'accelerate' or name.startswith('accelerate.'): raise ImportError(name)
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, '__import__', no_accelerate)
+    with pytest.raises(ImportError, match='pip install accelerate'): AccelerateCB(mixed_precision='no')
+
+
+def test_accelerate_leaves_the_users_dataloaders_alone(fresh_accelerate):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ultraloop import AccelerateCB
+    x, y, xv, yv = toy_data()
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(xv, yv), batch_size=16))
+    train, valid = dls.train, dls.valid
+    learn = Learner(toy_model(), dls, F.cross_entropy, cbs=[AccelerateCB(mixed_precision='no')])
+    learn.fit(1)
+    assert dls.train is train and dls.valid is valid
+    assert learn.dls is not dls and learn.dls.train is not train  # the learner trains on the prepared ones

@@ -1,4 +1,6 @@
 """Callbacks, one concern per module."""
+from .accel import *  # noqa: F401,F403
+from .accel import __all__ as _accel
 from .core import *  # noqa: F401,F403
 from .core import __all__ as _core
 from .debug import *  # noqa: F401,F403
@@ -19,5 +21,8 @@ from .progress import *  # noqa: F401,F403
 from .progress import __all__ as _progress
 from .schedule import *  # noqa: F401,F403
 from .schedule import __all__ as _schedule
+from .speed import *  # noqa: F401,F403
+from .speed import __all__ as _speed
 
-__all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs]
+__all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs, *_speed,
+           *_accel]

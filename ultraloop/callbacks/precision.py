@@ -22,9 +22,10 @@ class MixedPrecisionCB(Callback):
     TrainLearner, MomentumLearner) and with GradientAccumulationCB (it unscales once per real step)."""
     order = -20  # after GradientAccumulationCB (-30), before GradientClippingCB (-10)
 
-    def __init__(self, dtype: torch.dtype = torch.bfloat16, device_type: str | None = None):
-        if dtype not in _DTYPES:
-            raise ValueError(f'{type(self).__name__} dtype must be torch.bfloat16 or torch.float16, got {dtype!r}')
+    def __init__(self, dtype: torch.dtype | None = torch.bfloat16, device_type: str | None = None):
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f'{type(self).__name__} dtype must be torch.bfloat16 or torch.float16 (or None: float16 '
+                             f'on CUDA, bfloat16 elsewhere), got {dtype!r}')
         if device_type is not None and not isinstance(device_type, str):
             raise TypeError(f"device_type must be a string such as 'cuda' or 'cpu' (or None: the model's), got {device_type!r}")
         self.dtype, self.device_type = dtype, device_type
@@ -39,8 +40,9 @@ class MixedPrecisionCB(Callback):
         # after DeviceCB's before_fit has moved the model, so its device is the one autocast must target
         p = next(learn.model.parameters(), None)
         dt = self.device_type or (p.device.type if p is not None else 'cpu')
-        self._autocast = torch.autocast(dt, dtype=self.dtype)  # one context reused per batch: entering is ~1.5 us
-        if self.dtype == torch.float16 and (self.scaler is None or self.scaler._device != dt):
+        dtype = self.dtype or (torch.float16 if dt == 'cuda' else torch.bfloat16)
+        self._autocast = torch.autocast(dt, dtype=dtype)  # one context reused per batch: entering is ~1.5 us
+        if dtype == torch.float16 and (self.scaler is None or self.scaler._device != dt):
             self.scaler = torch.amp.GradScaler(dt)
             if self._pending is not None: self.scaler.load_state_dict(self._pending)
             self._pending = None
@@ -93,10 +95,13 @@ class MixedPrecisionCB(Callback):
         if self.scaler is None: self._pending = state['scaler']  # applied once the scaler exists (its device is known)
         else: self.scaler.load_state_dict(state['scaler'])
 
-    def __repr__(self) -> str: return f'{self.name}({str(self.dtype).replace("torch.", "")})'
+    def __repr__(self) -> str:
+        return f'{self.name}({str(self.dtype).replace("torch.", "") if self.dtype else "float16 on CUDA, else bfloat16"})'
 
 
 class MixedTrainingCB(MixedPrecisionCB):
-    """The seed's name for mixed precision: `MixedPrecisionCB` with the seed's default, float16 with a gradient scaler."""
-    def __init__(self, dtype: torch.dtype = torch.float16, device_type: str | None = None):
+    """The seed's name for mixed precision: `MixedPrecisionCB` with the seed's float16 and gradient scaler on CUDA.
+    Elsewhere it defaults to bfloat16, the CPU's autocast type: CPU float16 kernels (convolutions above all) can be
+    many times slower than float32. Pass `dtype` to choose."""
+    def __init__(self, dtype: torch.dtype | None = None, device_type: str | None = None):
         super().__init__(dtype, device_type)
