@@ -11,7 +11,7 @@ import torch
 from torch import nn, optim
 from torch.nn import functional as F
 
-from ultraloop import (BatchSchedCB, Callback, DataLoaders, LRFinderCB, MomentumLearner, TrainLearner,
+from ultraloop import (BatchSchedCB, Callback, DataLoaders, DeviceCB, LRFinderCB, MomentumLearner, TrainLearner,
                        suggest_lr)
 
 
@@ -80,6 +80,19 @@ def test_lr_find_restores_everything_bitwise():
     learn.lr_find(plot=False)
     assert learn.opt is opt
     assert_same(snapshot(learn), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.filterwarnings('ignore:lr_find')
+def test_lr_find_on_cuda_restores_weights_optimiser_and_cuda_rng():
+    dls, _, _ = regression_dls()
+    learn = TrainLearner(dropout_model(), dls, F.mse_loss, lr=0.01, opt_func=sgd_mom, cbs=[DeviceCB('cuda')])
+    learn.fit(1)  # dropout on the GPU draws from the CUDA RNG
+    before, cuda_rng = snapshot(learn), torch.cuda.get_rng_state()
+    learn.lr_find(plot=False)
+    assert_same(snapshot(learn), before)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert all(p.is_cuda for p in learn.model.parameters())
 
 
 @pytest.mark.filterwarnings('ignore:lr_find')
@@ -199,5 +212,7 @@ def test_bad_arguments_are_refused_and_change_nothing():
                     ({'lr_mult': 1}, 'lr_mult must be a number > 1'), ({'lr_mult': 0.5}, 'lr_mult must be')):
         with pytest.raises(ValueError, match=msg): learn.lr_find(plot=False, **kw)
     assert_same(snapshot(learn), before)
+    learn.model = 'not a model'
+    with pytest.raises(TypeError, match='model must be a torch.nn.Module'): learn.lr_find(plot=False)
     with pytest.raises(ValueError, match='beta .* in \\[0, 1\\)'): LRFinderCB(beta=1)
     with pytest.raises(ValueError, match='stop_div must be a number > 1'): LRFinderCB(stop_div=0.5)

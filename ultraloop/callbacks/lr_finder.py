@@ -113,6 +113,8 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
         raise ValueError(f'lr_find: start_lr must be a number > 0, got {start_lr!r}')
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
+    if not isinstance(learn.model, torch.nn.Module):
+        raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
     finder = LRFinderCB(lr_mult)
     from .schedule import BatchSchedCB, EpochSchedCB
     saved = _LearnerState(learn)
