@@ -175,8 +175,8 @@ class Learner:
 
     def lr_find(self, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
                 plot_path=None) -> float | None:
-        """Train with an lr growing by `lr_mult` per batch until the loss exceeds 3x its minimum; plot loss against lr
-        (inline in a notebook, else a PNG at `plot_path`, default lr_find.png) and return a suggested lr, or None.
+        """Train with an lr growing by `lr_mult` per batch until the smoothed loss exceeds 3x its minimum; plot it
+        against lr (inline in a notebook, else a PNG at `plot_path`, default lr_find.png); return a suggested lr or None.
         Afterwards weights, optimiser, callbacks and RNGs are as before (see `ultraloop.callbacks.lr_finder.lr_find`)."""
         from .callbacks.lr_finder import lr_find
         return lr_find(self, start_lr, lr_mult, max_epochs, plot, plot_path)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 
 from ..learner import Callback, CancelEpochException, CancelFitException
+from .schedule import BatchSchedCB, EpochSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
 
@@ -104,8 +105,8 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
 
 def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
             plot_path: str | os.PathLike | None = None) -> float | None:
-    """Train from `start_lr`, multiplying the lr by `lr_mult` each batch, until the loss exceeds 3x its minimum
-    (at most `max_epochs` train phases, no valid phases); plot loss against lr; return `suggest_lr`'s lr or None.
+    """Train from `start_lr`, multiplying the lr by `lr_mult` each batch, until the smoothed loss exceeds 3x its
+    minimum (at most `max_epochs` train phases, no valid phases); plot loss against lr; return `suggest_lr`'s lr or None.
     Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
     (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
     fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
@@ -116,7 +117,6 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
     if not isinstance(learn.model, torch.nn.Module):
         raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
     finder = LRFinderCB(lr_mult)
-    from .schedule import BatchSchedCB, EpochSchedCB
     saved = _LearnerState(learn)
     try:
         scheds = [cb for cb in learn.cbs if isinstance(cb, (BatchSchedCB, EpochSchedCB))]
