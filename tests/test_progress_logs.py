@@ -142,6 +142,13 @@ def test_csv_with_other_columns_is_refused_before_any_batch(tmp_path, capsys):
     assert len(read_csv(tmp_path / 'new.csv')) == 3
 
 
+def test_csv_paths_that_cannot_be_written_are_refused_at_construction(tmp_path):
+    (tmp_path / 'notes.txt').write_text('x')
+    with pytest.raises(ValueError, match='is a folder; give the path of a .csv file'): CSVLoggerCB(tmp_path)
+    with pytest.raises(ValueError, match=r'notes.txt is a file, so .* cannot be written'):
+        CSVLoggerCB(tmp_path / 'notes.txt' / 'h.csv')
+
+
 def test_loggers_need_metrics(tmp_path):
     dls = DataLoaders.from_tensors(*toy_data(16, 8), bs=8, seed=0)
     learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[CSVLoggerCB(tmp_path / 'h.csv')])

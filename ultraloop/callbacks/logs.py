@@ -27,6 +27,10 @@ class CSVLoggerCB(Callback):
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
+        if self.path.is_dir(): raise ValueError(f'CSVLoggerCB: {self.path} is a folder; give the path of a .csv file')
+        for parent in self.path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f'CSVLoggerCB: {parent} is a file, so {self.path} cannot be written; give a path in a folder')
         self._file = None
 
     def before_fit(self, learn):

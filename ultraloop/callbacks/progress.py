@@ -45,9 +45,10 @@ class ProgressCB(Callback):
         self._metrics = m = _metrics_cb(learn)
         self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
         if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
-        self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
+        self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
 
     def before_epoch(self, learn):
+        if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
         self._mbar.update(learn.epoch - self._mbar.n)
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
         self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
@@ -92,11 +93,12 @@ class ProgressCB(Callback):
         self._close_bar()
         if self.plot and in_notebook(): self._draw(live=True)
 
-    def after_fit(self, learn): self._mbar.update(learn.n_epochs - self._mbar.n)
+    def after_fit(self, learn):
+        if self._mbar is not None: self._mbar.update(learn.n_epochs - self._mbar.n)
 
     def cleanup_fit(self, learn):
         self._close_bar()
-        self._mbar.close()
+        if self._mbar is not None: self._mbar.close()
         if self._took_log: del self._metrics._log
         if self.plot and not in_notebook() and (self.losses or self._phase_losses()): self._draw(live=False)
 
