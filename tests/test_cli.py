@@ -18,6 +18,14 @@ def run_cli(*args, cwd=None, timeout=120):
                           cwd=cwd or ROOT, timeout=timeout)
 
 
+@pytest.fixture
+def keep_threads():
+    """In-process runs with --threads change torch's thread count for the whole test process: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def option_strings(command: str) -> list[str]:
     sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices[command]
     return [s for a in sub._actions for s in a.option_strings if s.startswith('--') and s != '--help']
@@ -62,7 +70,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert re.search(message, err.strip())
 
 
-def test_bad_paths_exit_2_with_one_line(tmp_path, capsys):
+def test_bad_paths_exit_2_with_one_line(tmp_path, capsys, keep_threads):
     a_file = tmp_path / 'notes.txt'
     a_file.write_text('x')
     for argv, message in [(['fit', '--out', a_file], f'--out {a_file} is a file; give a folder for the run'),
@@ -72,7 +80,8 @@ def test_bad_paths_exit_2_with_one_line(tmp_path, capsys):
         assert e.value.code == 2
         assert message in capsys.readouterr().err
     # a path the OS refuses once training starts (its parent is a file): still one line, exit code 2
-    assert main(['fit', '--model', 'mlp', '--epochs', '1', '--csv', str(a_file / 'm.csv'), '--out', str(tmp_path)]) == 2
+    assert main(['fit', '--model', 'mlp', '--epochs', '1', '--threads', '1', '--csv', str(a_file / 'm.csv'),
+                 '--out', str(tmp_path)]) == 2
     err = capsys.readouterr().err  # after the progress bar it had started
     assert err.endswith('\n') and 'Traceback' not in err
     assert re.fullmatch(r'ultraloop: error: .*notes\.txt.*', err.splitlines()[-1])
@@ -115,7 +124,7 @@ def test_fit_fashion_mnist_files_end_to_end(tmp_path):
     csv = tmp_path / 'metrics.csv'
     r = run_cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path / 'data', '--model', 'mlp', '--epochs', '2',
                 '--bs', '32', '--opt', 'sgd', '--lr', '0.05', '--one-cycle', '--precision', 'bf16', '--device', 'cpu',
-                '--csv', csv, '--out', tmp_path / 'run')
+                '--threads', '1', '--csv', csv, '--out', tmp_path / 'run')
     assert r.returncode == 0, r.stderr[-3000:]
     assert ('data: fashion-mnist (96 train, 40 valid, (1, 28, 28)), model: mlp, opt: sgd, device: cpu, '
             'precision: bf16') in r.stdout
@@ -125,17 +134,17 @@ def test_fit_fashion_mnist_files_end_to_end(tmp_path):
 
 
 def test_lr_find_end_to_end(tmp_path):
-    r = run_cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--out', tmp_path)
+    r = run_cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--threads', '1', '--out', tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r'^suggested lr: (\d|none)', r.stdout, re.M)
     assert (tmp_path / 'lr_find.png').read_bytes()[:8] == PNG
 
 
-def test_fit_is_reproducible_from_its_seed_and_names_its_run_folder(tmp_path, monkeypatch, capsys):
+def test_fit_is_reproducible_from_its_seed_and_names_its_run_folder(tmp_path, monkeypatch, capsys, keep_threads):
     monkeypatch.chdir(tmp_path)
 
     def fit(seed):
-        assert main(['fit', '--model', 'mlp', '--epochs', '1', '--seed', str(seed)]) == 0
+        assert main(['fit', '--model', 'mlp', '--epochs', '1', '--seed', str(seed), '--threads', '1']) == 0
         out = capsys.readouterr().out
         folder = re.search(r'^run folder: (\S+) \(loss\.png\)$', out, re.M).group(1)
         assert (tmp_path / folder / 'loss.png').is_file()
