@@ -38,7 +38,7 @@ class ProgressCB(Callback):
             from ..plotting import get_plt
             get_plt()  # a missing matplotlib fails here, not after the first epoch
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
-        self._fig = self._handle = None
+        self._handle = None
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
@@ -100,26 +100,30 @@ class ProgressCB(Callback):
         self._close_bar()
         if self._mbar is not None: self._mbar.close()
         if self._took_log: del self._metrics._log
-        if self.plot and not in_notebook() and (self.losses or self._phase_losses()): self._draw(live=False)
-
-    def _phase_losses(self) -> dict[str, list]:
-        h = self._metrics.history if self._metrics is not None else []
-        return {ph: [(r['epoch'] + 1, r['loss']) for r in h if r['train'] == ph] for ph in ('train', 'eval')}
+        if self.plot and not in_notebook(): self._draw(live=False)
 
     def _draw(self, live: bool) -> Path | None:
         from ..plotting import get_plt, show_or_save
         plt = get_plt()
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        if self.losses: ax.plot(*zip(*self.losses), alpha=0.5, label='train (samples)')
-        for ph, pts in self._phase_losses().items():
-            if pts: ax.plot(*zip(*pts), marker='o', label=f'{ph} (phase mean)')
-        ax.set_xlabel('epoch'); ax.set_ylabel('loss'); ax.legend()
+        fig = _loss_figure(plt, self.losses, self._metrics.history if self._metrics is not None else [])
         if not live: return show_or_save(fig, self.path, 'progress.png')
         from IPython.display import display
         if self._handle is None: self._handle = display(fig, display_id=True)
         else: self._handle.update(fig)
         plt.close(fig)
         return None
+
+
+def _loss_figure(plt, samples: list[tuple[float, float]], history: list[dict]):
+    """The train loss as sampled for the display, and each phase's mean loss at the end of its epoch."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if samples: ax.plot(*zip(*samples), alpha=0.5, label='train (samples)')
+    for ph in ('train', 'eval'):
+        pts = [(r['epoch'] + 1, r['loss']) for r in history if r['train'] == ph]
+        if pts: ax.plot(*zip(*pts), marker='o', label=f'{ph} (phase mean)')
+    ax.set_xlabel('epoch'); ax.set_ylabel('loss')
+    if samples or history: ax.legend()
+    return fig
 
 
 def _mmss(s: float) -> str: return f'{int(s) // 60:02d}:{int(s) % 60:02d}'
