@@ -1,0 +1,212 @@
+"""The GPU benchmark: an epoch (train + valid) of FashionMNIST-sized synthetic data with the seed's CNN, ultraloop against
+a hand-written loop in the same process, epochs interleaved; then the whole-step CUDA graph floor, and the peers.
+
+Run on a machine with a CUDA GPU, one short call (a few minutes):
+    python bench/gpu.py                          # bs 64 and 512, 60,000 train + 12,000 valid, 3 timed epochs each
+    python bench/gpu.py --peers ../shared/bench/peers.py   # where the peer harness is not found on its own
+    python bench/gpu.py --quick --device cpu     # a smoke test of every path on any machine (no figures)
+Each line printed is one JSON record. Cases (all with TrainLearner + DeviceCB + MetricsCB(accuracy)):
+`ultraloop_host` (data on the host, copied per batch) against `hand_host`; against `hand` (data on the GPU, a
+hand-written loop summing accuracy and loss on the device): `ultraloop` (data on the GPU), `bf16` (+ MixedPrecisionCB),
+`bf16_cl` (+ ChannelsLastCB), `compile` (+ CompileCB), `cudagraph` (+ CudaGraphCB), `cudagraph_bf16_cl`. `floor`:
+the train step captured whole in one CUDA graph by hand (as graph_floor.py), against CudaGraphCB, train phase only.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import ultraloop as U  # noqa: E402
+from ultraloop.models import get_model  # noqa: E402
+
+LR = 0.05
+CASES = ('ultraloop_host', 'ultraloop', 'bf16', 'bf16_cl', 'compile', 'cudagraph', 'cudagraph_bf16_cl')
+PEERS = {'raw': None, 'ignite': 'ignite', 'lightning': 'pytorch_lightning', 'fastai': 'fastai'}  # name: module needed
+
+
+def make_data(n: int, nv: int, seed: int = 0):
+    """Learnable FashionMNIST-shaped data: 1 x 28 x 28 images, 10 classes from a random linear teacher."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + nv, 1, 28, 28, generator=g)
+    y = (x.flatten(1) @ torch.randn(784, 10, generator=g)).argmax(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+
+
+def hand(data, bs: int, dev: torch.device, host: bool):
+    """The bar: a careful hand-written loop over the same loaders, accuracy and loss summed on the device."""
+    torch.manual_seed(0)
+    model = get_model().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
+
+    def epoch():
+        for training, dl in ((True, dls.train), (False, dls.valid)):
+            model.train(training)
+            correct, loss_sum, n = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
+            with torch.set_grad_enabled(training):
+                for x, y in dl:
+                    if host: x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    if training:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+                    correct += (out.argmax(1) == y).sum()
+                    loss_sum += loss.detach() * len(y)
+                    n += len(y)
+            (correct / n).item(), (loss_sum / n).item()  # read once per phase, as MetricsCB does
+    return epoch
+
+
+class QuietMetricsCB(U.MetricsCB):
+    def _log(self, d): pass  # the benchmark prints its own records
+
+
+def ultraloop(data, bs: int, dev: torch.device, case: str):
+    import torchmetrics
+    torch.manual_seed(0)
+    host = case == 'ultraloop_host'
+    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
+    extra = {'bf16': [U.MixedPrecisionCB(torch.bfloat16)],
+             'bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16)],
+             'compile': [U.CompileCB()],
+             'cudagraph': [U.CudaGraphCB()],
+             'cudagraph_bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16), U.CudaGraphCB()]}.get(case, [])
+    acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average='micro')
+    learn = U.TrainLearner(get_model(), dls, loss_func=F.cross_entropy, lr=LR,
+                           cbs=[U.DeviceCB(dev), QuietMetricsCB(accuracy=acc), *extra])
+    return learn
+
+
+def graph_floor(data, bs: int, dev: torch.device, fast: bool):
+    """Train phase only: the hand-written step (forward, loss, backward, SGD step, accuracy sum) as one CUDA graph."""
+    from contextlib import nullcontext
+    mf = torch.channels_last if fast else torch.contiguous_format
+    ac = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if fast else nullcontext
+    torch.manual_seed(0)
+    model = get_model().to(dev).to(memory_format=mf)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = data[0].to(dev).contiguous(memory_format=mf), data[1].to(dev)
+    sx, sy, correct = x[:bs].clone(), y[:bs].clone(), torch.zeros((), device=dev)
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):  # warm-up on real batches, as CudaGraphCB does
+        for i in range(3):
+            with ac(): loss = F.cross_entropy(model(x[i * bs:(i + 1) * bs]), y[i * bs:(i + 1) * bs])
+            loss.backward(); opt.step(); opt.zero_grad()
+    torch.cuda.current_stream(dev).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        with ac(): out = model(sx); loss = F.cross_entropy(out, sy)
+        loss.backward(); opt.step(); opt.zero_grad()
+        correct += (out.argmax(1) == sy).sum()
+    nb = len(x) // bs
+
+    def epoch():
+        idx = torch.randperm(len(x), device=dev)
+        for i in range(nb):
+            j = idx[i * bs:(i + 1) * bs]
+            sx.copy_(x[j]); sy.copy_(y[j])
+            g.replay()
+        correct.item()
+    return epoch
+
+
+def interleaved(a, b, epochs: int, dev: torch.device):
+    """Median seconds of each side and the median ratio b / a, epochs alternating so drift hits both alike."""
+    for f in (a, b): f(); sync(dev)  # warm-up (and compile, capture)
+    ta, tb, ratios = [], [], []
+    for _ in range(epochs):
+        for f, ts in ((a, ta), (b, tb)):
+            sync(dev); t = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t)
+        ratios.append(tb[-1] / ta[-1])
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def find_peers(arg: str | None) -> Path | None:
+    cands = [arg, os.environ.get('ULTRALOOP_PEERS'), ROOT.parent / 'shared/bench/peers.py', ROOT / 'shared/bench/peers.py']
+    return next((Path(c) for c in cands if c and Path(c).is_file()), None)
+
+
+def run_peers(path: Path | None, a, bs: int, emit) -> None:
+    if path is None: return emit({'peers': 'skipped', 'why': 'peers.py not found: pass --peers PATH'})
+    for fw, module in PEERS.items():
+        if module and importlib.util.find_spec(module) is None:
+            emit({'peer': fw, 'bs': bs, 'skipped': f'{module} is not installed'}); continue
+        cmd = [sys.executable, str(path), fw, '--device', a.device, '--model', 'cnn', '--n', str(a.n),
+               '--loader', 'gpu' if a.device == 'cuda' else 'slices', '--bs', str(bs), '--epochs', str(a.epochs)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.peer_timeout)
+            line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith('{')), None)
+            emit({'peer': fw, 'bs': bs, **json.loads(line)} if line else
+                 {'peer': fw, 'bs': bs, 'failed': (r.stderr.strip().splitlines() or ['no output'])[-1][:200]})
+        except subprocess.TimeoutExpired:
+            emit({'peer': fw, 'bs': bs, 'failed': f'timed out after {a.peer_timeout} s'})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--n', type=int, default=60000, help='train samples; valid: n / 5')
+    p.add_argument('--bs', default='64,512')
+    p.add_argument('--epochs', type=int, default=3, help='timed epochs per side, after one warm-up')
+    p.add_argument('--cases', default=','.join(CASES))
+    p.add_argument('--peers', default=None, help="path to the peer harness peers.py, or 'none'")
+    p.add_argument('--peer-timeout', type=int, default=150)
+    p.add_argument('--quick', action='store_true', help='tiny data, one timed epoch: checks that every path runs')
+    a = p.parse_args(argv)
+    if a.quick: a.n, a.epochs = 1280, 1
+    dev = torch.device(a.device)
+    cuda = dev.type == 'cuda'
+    gpu = torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine()
+    stamp = {'device': gpu, 'torch': torch.__version__, 'date': date.today().isoformat()}
+
+    def emit(rec): print(json.dumps({**rec, **stamp}), flush=True)
+    data = make_data(a.n, a.n // 5)
+    peers = None if a.peers == 'none' else find_peers(a.peers)
+    for bs in map(int, a.bs.split(',')):
+        nb = -(-a.n // bs) + -(-(a.n // 5) // bs)
+        for case in a.cases.split(','):
+            if case == 'compile' and not cuda and not a.quick:
+                emit({'case': case, 'bs': bs, 'skipped': 'CompileCB on the CPU: run with --quick or on a GPU'}); continue
+            learn = ultraloop(data, bs, dev, case)
+            base = 'hand_host' if case == 'ultraloop_host' else 'hand'
+            th, tu, r = interleaved(hand(data, bs, dev, host=base == 'hand_host'), lambda: learn.fit(1), a.epochs, dev)
+            rec = {'case': case, 'bs': bs, 'baseline': base, f'{base}_us_per_batch': round(th / nb * 1e6, 1),
+                   'ultraloop_us_per_batch': round(tu / nb * 1e6, 1), 'median_ratio': round(r, 3)}
+            cg = next((cb for cb in learn.cbs if isinstance(cb, U.CudaGraphCB)), None)
+            if cg is not None: rec.update(graph_replays=cg.replays, eager_because=cg.reason)
+            emit(rec)
+            if cg is not None:  # against the floor: train phase only, as graph_floor.py measures it
+                if not cuda: emit({'case': f'{case}_vs_floor', 'bs': bs, 'skipped': 'the floor needs CUDA'}); continue
+                nt = a.n // bs
+                tf, tg, r = interleaved(graph_floor(data, bs, dev, fast=case.endswith('bf16_cl')),
+                                        lambda: learn.fit(1, valid=False), a.epochs, dev)
+                emit({'case': f'{case}_vs_floor', 'bs': bs, 'floor_us_per_step': round(tf / nt * 1e6, 1),
+                      'ultraloop_us_per_step': round(tg / -(-a.n // bs) * 1e6, 1),
+                      'median_ratio_per_step': round(r * nt / -(-a.n // bs), 3),  # the floor drops the last batch
+                      'graph_replays': cg.replays, 'eager_because': cg.reason})
+        run_peers(peers, a, bs, emit)
+
+
+if __name__ == '__main__':
+    main()
