@@ -53,8 +53,9 @@ class MetricsCB(Callback):
     sample-weighted mean, over each train and valid phase; `_log` gets the seed's dict once per phase, `history` the
     numbers. Nothing is read from the device per batch: predictions and targets are kept (detached) on the device and
     handed to the metrics in one `update` per chunk, when `buffer_bytes` is reached and at the phase end. For metrics
-    that sum over samples (accuracy, F1, MSE, ...: all of torchmetrics' and torcheval's) that equals one update per
-    batch; set `buffer_bytes = 0` for a metric whose value depends on how the samples are split into batches.
+    that accumulate over samples (accuracy, F1, MSE, AUROC, ...: the classification and regression metrics of torchmetrics
+    and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value depends on how the
+    samples are split into batches (a running mean over a window of batches).
     A step that writes its outputs into the same tensors every batch (a CUDA graph replay) must say so with
     `reuses_outputs = True` on its callback or Learner: MetricsCB then copies each batch's outputs."""
     order = 0
