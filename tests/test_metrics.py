@@ -165,6 +165,18 @@ def test_bad_metrics_are_refused_at_construction():
     with pytest.raises(ValueError, match="tracks 'loss' itself"): MetricsCB(loss=EvalAccuracy())
 
 
+def test_batches_without_targets_are_named():
+    class XOnlyLearner(TrainLearner):
+        def get_loss(self): self.loss = self.preds.sum()
+
+    dls = DataLoaders([[torch.randn(4, 8)]], [[torch.randn(4, 8)]])
+    learn = XOnlyLearner(toy_model(), dls, cbs=[MetricsCB()])
+    with pytest.raises(TypeError, match=r'MetricsCB reads the targets as batch\[1\], but the batch is a list without one'):
+        learn.fit(1)
+    learn.rm_cb(learn.metrics)
+    learn.fit(1)  # still usable
+
+
 def test_plot_metrics_saves_a_png(tmp_path, capsys):
     learn, _ = fit(MetricsCB(accuracy=EvalAccuracy()), epochs=2)
     path = learn.plot_metrics(tmp_path / 'm.png')

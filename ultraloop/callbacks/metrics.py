@@ -87,7 +87,10 @@ class MetricsCB(Callback):
         self._ps, self._ys, self._nbytes, self._ptrs = [], [], 0, None
 
     def after_batch(self, learn):
-        y = learn.batch[1]  # the seed's batch: (x, y, ...)
+        try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
+        except (KeyError, IndexError):
+            raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
+                            f'without one: yield (x, y, ...) batches') from None
         self.loss.update(learn.loss, len(y))
         if self.metrics: self._add(learn.preds, y)
 
