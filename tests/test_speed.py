@@ -1,5 +1,8 @@
 """Speed callbacks: channels-last, compile, whole-step CUDA graphs (their fallback on the CPU), DeviceCB's prefetch."""
+import contextlib
+import copy
 import pickle
+import types
 
 import pytest
 import torch
@@ -130,6 +133,71 @@ def test_bf16_mixed_precision_does_not_prevent_capture():
 
 def test_cuda_graph_bad_warmup():
     with pytest.raises(ValueError, match='warmup'): CudaGraphCB(warmup=0)
+
+
+class FakeGraphs:
+    """Stands in for torch.cuda's streams and graphs on the CPU, to check CudaGraphCB's schedule (warm-up, capture,
+    replay, eager batches, recapture): capture records the step without its effects, as a real capture does, and each
+    replay runs it again on the static inputs, writing the outputs into the tensors capture produced."""
+    def __init__(self, learn): self.learn, self.captures = learn, 0
+
+    class Stream:
+        def __init__(self, *a, **kw): pass
+        def wait_stream(self, other): pass
+
+    def current_stream(self, *a): return self.Stream()
+    def stream(self, s): return contextlib.nullcontext()
+
+    def CUDAGraph(self): return types.SimpleNamespace(replay=None)
+
+    @contextlib.contextmanager
+    def graph(self, g, stream=None):
+        from ultraloop.callbacks import speed
+        learn, m, opt = self.learn, self.learn.model, self.learn.opt
+        saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()),
+                 [None if p.grad is None else p.grad.clone() for p in m.parameters()])
+        static = learn.batch
+        yield
+        self.captures += 1
+        preds, loss = learn.preds, learn.loss
+        m.load_state_dict(saved[0]); opt.load_state_dict(saved[1])
+        for p, gr in zip(m.parameters(), saved[2]): p.grad = gr
+
+        def replay():
+            real = learn.batch
+            learn.batch = static
+            speed._train_step(learn)
+            with torch.no_grad(): preds.copy_(learn.preds); loss.copy_(learn.loss)
+            learn.batch = real
+        g.replay = replay
+
+
+def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
+    from ultraloop.callbacks import speed
+    learn = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False),
+                         F.cross_entropy, lr=0.1)
+    fake = FakeGraphs(learn)
+    for nm in ('Stream', 'current_stream', 'stream', 'CUDAGraph', 'graph'): monkeypatch.setattr(torch.cuda, nm, getattr(fake, nm))
+    monkeypatch.setattr(speed, '_graph_blocker', lambda learn, cb: None)
+    class Losses(Callback):
+        def __init__(self): self.seen = []
+        def after_batch(self, learn):
+            if learn.training: self.seen.append(learn.loss.item())
+
+    class HalveLR(Callback):  # an epoch schedule: the graph must be captured anew
+        def after_epoch(self, learn):
+            if learn.training:
+                for g in learn.opt.param_groups: g['lr'] /= 2
+
+    cb, losses, ref_losses = CudaGraphCB(), Losses(), Losses()
+    learn.fit(2, cbs=[cb, losses, HalveLR()])
+    ref = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False), F.cross_entropy, lr=0.1)
+    ref.fit(2, cbs=[ref_losses, HalveLR()])
+    # 13 train batches an epoch: 3 warm-up, 9 replayed, the last (8 samples) eager; epoch 2: 12 replayed after recapture
+    assert (cb.reason, cb.replays, fake.captures) == (None, 9 + 12, 2)
+    assert losses.seen == pytest.approx(ref_losses.seen, abs=0, rel=1e-6) and len(losses.seen) == 26
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
+                rtol=1e-6, atol=1e-7)
 
 
 @cuda

@@ -80,6 +80,7 @@ class CudaGraphCB(Callback):
     the lr changes within an epoch more than once. Results equal the eager step's: the graph replays its kernels.
     """
     order = 1_000  # before_batch last: the batch is on the device and in its memory format, autocast is entered
+    reuses_outputs = True  # learn.preds and learn.loss are the graph's buffers: MetricsCB copies what it keeps
 
     def __init__(self, warmup: int = 3):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
@@ -90,7 +91,7 @@ class CudaGraphCB(Callback):
 
     def before_fit(self, learn):
         self.graph, self.replays, self._warm, self._side = None, 0, 0, None
-        self.reason = self._why_not(learn)
+        self.reason = _graph_blocker(learn, self)
         if self.reason: print(f'CudaGraphCB: {self.reason}; training eagerly')
         else: self._stream = torch.cuda.Stream()
 
@@ -129,12 +130,12 @@ class CudaGraphCB(Callback):
     def cleanup_fit(self, learn): self.graph = self._static = self._preds = self._loss = None  # frees the graph's memory
 
     def _capture(self, learn, b) -> bool:
-        if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) and t.is_cuda for t in b)):
-            return self._give_up(f'the batch is a {type(b).__name__}, not a list of CUDA tensors')
+        if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
+            return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
         learn.batch, graph = self._static, torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self._stream): self._step(learn)
+            with torch.cuda.graph(graph, stream=self._stream): _train_step(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
             learn.batch = b
             msg = str(e).strip().splitlines()
@@ -144,31 +145,32 @@ class CudaGraphCB(Callback):
         self._lrs = [g['lr'] for g in learn.opt.param_groups]
         return True
 
-    @staticmethod
-    def _step(learn) -> None:
-        """The train part of `Learner._one_batch`, from predict to zero_grad, as the graph records it."""
-        cb = learn.callback
-        learn.predict(); cb('after_predict')
-        learn.get_loss(); loss = learn.loss; cb('after_loss')
-        learn.backward(); learn.loss = loss; cb('after_backward')
-        learn.step(); cb('after_step')
-        learn.zero_grad()
-
     def _give_up(self, reason: str) -> bool:
         self.reason, self.graph = reason, None
         print(f'CudaGraphCB: {reason}; training eagerly from here')
         return False
 
-    def _why_not(self, learn) -> str | None:
-        for cb in learn.cbs:
-            if cb is self or getattr(cb, 'cuda_graph_safe', False): continue
-            evs = [ev for ev in _STEP_EVENTS if getattr(cb, ev, None) is not None]
-            if evs: return (f'{cb!r} runs Python in {", ".join(evs)}, between predict and step (a callback doing only '
-                            f'device work there can say so with cuda_graph_safe = True)')
-            if getattr(cb, 'before_batch', None) is not None and getattr(cb, 'order', 0) > self.order:
-                return f'{cb!r} has a before_batch after CudaGraphCB (order {cb.order} > {self.order})'
-        p = next(learn.model.parameters(), None)
-        if p is None or not p.is_cuda:
-            return f'the model is on {"no device" if p is None else p.device}, not a CUDA device'
-        if learn.opt is None: return 'learn.opt is None'
-        return None
+
+def _train_step(learn) -> None:
+    """The train part of `Learner._one_batch`, from predict to zero_grad, as the graph records it."""
+    cb = learn.callback
+    learn.predict(); cb('after_predict')
+    learn.get_loss(); loss = learn.loss; cb('after_loss')
+    learn.backward(); learn.loss = loss; cb('after_backward')
+    learn.step(); cb('after_step')
+    learn.zero_grad()
+
+
+def _graph_blocker(learn, graph_cb: CudaGraphCB) -> str | None:
+    """Why the train step cannot be captured, known at fit start; None if nothing stands in the way."""
+    for cb in learn.cbs:
+        if cb is graph_cb or getattr(cb, 'cuda_graph_safe', False): continue
+        evs = [ev for ev in _STEP_EVENTS if getattr(cb, ev, None) is not None]
+        if evs: return (f'{cb!r} runs Python in {", ".join(evs)}, between predict and step (a callback doing only '
+                        f'device work there can say so with cuda_graph_safe = True)')
+        if getattr(cb, 'before_batch', None) is not None and getattr(cb, 'order', 0) > graph_cb.order:
+            return f'{cb!r} has a before_batch after CudaGraphCB (order {cb.order} > {graph_cb.order})'
+    p = next(learn.model.parameters(), None)
+    if p is None or not p.is_cuda: return f'the model is on {"no device" if p is None else p.device}, not a CUDA device'
+    if learn.opt is None: return 'learn.opt is None'
+    return None
