@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ultraloop import (Callback, ChannelLastCB, ChannelsLastCB, CompileCB, CudaGraphCB, DataLoaders, DeviceCB, Learner,
-                       MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
+                       MetricsCB, MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -172,6 +172,13 @@ class FakeGraphs:
         g.replay = replay
 
 
+def accuracy_cb():
+    torchmetrics = pytest.importorskip('torchmetrics')
+    m = MetricsCB(accuracy=torchmetrics.classification.MulticlassAccuracy(num_classes=3, average='micro'))
+    m._log = lambda row: None
+    return m
+
+
 def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
     from ultraloop.callbacks import speed
     learn = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False),
@@ -189,13 +196,15 @@ def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
             if learn.training:
                 for g in learn.opt.param_groups: g['lr'] /= 2
 
-    cb, losses, ref_losses = CudaGraphCB(), Losses(), Losses()
-    learn.fit(2, cbs=[cb, losses, HalveLR()])
+    cb, losses, ref_losses, metrics, ref_metrics = CudaGraphCB(), Losses(), Losses(), accuracy_cb(), accuracy_cb()
+    learn.fit(2, cbs=[cb, losses, HalveLR(), metrics])
     ref = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False), F.cross_entropy, lr=0.1)
-    ref.fit(2, cbs=[ref_losses, HalveLR()])
+    ref.fit(2, cbs=[ref_losses, HalveLR(), ref_metrics])
     # 13 train batches an epoch: 3 warm-up, 9 replayed, the last (8 samples) eager; epoch 2: 12 replayed after recapture
     assert (cb.reason, cb.replays, fake.captures) == (None, 9 + 12, 2)
     assert losses.seen == pytest.approx(ref_losses.seen, abs=0, rel=1e-6) and len(losses.seen) == 26
+    # MetricsCB keeps outputs until the phase ends: replays overwrite them, so it must have copied them
+    assert [r['accuracy'] for r in metrics.history] == [r['accuracy'] for r in ref_metrics.history]
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
                 rtol=1e-6, atol=1e-7)
 
