@@ -100,6 +100,7 @@ def execute(nb, folder) -> None:
     from nbclient import NotebookClient
     saved = dict(os.environ)
     os.environ.update(ONE_THREAD)  # the kernel process inherits the environment
+    os.environ.pop('MPLBACKEND', None)  # other test modules set Agg; the kernel must keep its inline backend
     try:
         # kernel 'python3' is ipykernel's own spec, started with this interpreter (so with this venv's packages)
         NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(folder)}}).execute()
