@@ -112,7 +112,7 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli('demo', '--epochs', '1', '--out', out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'data: digits (1,438 train, 359 valid, (1, 8, 8)), model: cnn' in r.stdout
-    assert re.search(r'^(suggested lr: \d|no clear descent; using lr)', r.stdout, re.M)
+    assert re.search(r'^(suggested lr: \d|no suggested lr \(the loss shows no clear descent\); using lr)', r.stdout, re.M)
     assert re.search(r'^valid: accuracy 0\.\d{3}, loss \d+\.\d{3}$', r.stdout, re.M)
     assert r.stdout.rstrip().splitlines()[-1] == f'run folder: {out} (loss.png, lr_find.png)'
     for png in ('loss.png', 'lr_find.png'): assert (out / png).read_bytes()[:8] == PNG

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ['main', 'build_parser']
 
 # scikit-learn, torchmetrics and matplotlib are imported only once a command runs, so `--help` and usage errors are quick.
+N_CLASSES = 10  # digits and FashionMNIST alike
 DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
 SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
 
@@ -168,8 +170,7 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     xt, yt, xv, yv = _load(args)
     # keep the data on a GPU when there is one: batches are then cut there, with no copy per batch
     dls = DataLoaders.from_tensors(xt, yt, xv, yv, bs=bs, seed=args.seed, device=None if device.type == 'cpu' else device)
-    n_out = int(max(yt.max(), yv.max())) + 1
-    model = get_model(n_out) if model_name == 'cnn' else mlp(xt[0].numel(), 128, n_out)
+    model = get_model(N_CLASSES) if model_name == 'cnn' else mlp(xt[0].numel(), 128, N_CLASSES)
     opt_func = (partial(optim.SGD, momentum=SGD_MOMENTUM) if opt_name == 'sgd'
                 else partial(optim.AdamW, weight_decay=ADAMW_WEIGHT_DECAY))
     cbs = [TrainCB(), DeviceCB(device)]
@@ -178,14 +179,21 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
         cbs.append(MixedPrecisionCB(dtype=torch.bfloat16 if precision == 'bf16' else torch.float16))
     print(f'data: {args.data} ({len(xt):,} train, {len(xv):,} valid, {tuple(xt.shape[1:])}), model: {model_name}, '
           f'opt: {opt_name}, device: {device}, precision: {precision}')
-    return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func), n_out
+    return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func)
 
 
-def _metric_cbs(n_out: int) -> list:
+def _metric_cbs() -> list:
     from torchmetrics.classification import MulticlassAccuracy
 
     from .callbacks import MetricsCB, ProgressCB
-    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out)), ProgressCB()]
+    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=N_CLASSES)), ProgressCB()]
+
+
+def _lr_find_quietly(learn, out: Path, **kwargs) -> float | None:
+    """learn.lr_find, saving its plot in `out`; its no-clear-descent warning is left out, the commands say so themselves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='lr_find', category=UserWarning)
+        return learn.lr_find(plot_path=out / 'lr_find.png', **kwargs)
 
 
 def _last_valid(learn) -> str:
@@ -197,13 +205,13 @@ def _last_valid(learn) -> str:
 def _demo(args) -> int:
     args.data, args.data_dir = 'digits', None
     _check_paths(args)
-    learn, n_out = _learner(args, 'cnn', 'adamw', 'no', 64)
+    learn = _learner(args, 'cnn', 'adamw', 'no', 64)
     out = _run_dir(args.out, 'demo')
     print('LR finder: the lr grows 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum')
-    lr = learn.lr_find(plot_path=out / 'lr_find.png')
-    if lr is None: lr = DEFAULT_LR['adamw']; print(f'no clear descent; using lr {lr:g}')
+    lr = _lr_find_quietly(learn, out)
+    if lr is None: lr = DEFAULT_LR['adamw']; print(f'no suggested lr (the loss shows no clear descent); using lr {lr:g}')
     else: print(f'suggested lr: {lr:.3g}')
-    learn.add_cbs(_metric_cbs(n_out))
+    learn.add_cbs(_metric_cbs())
     print(f'fit_one_cycle({args.epochs}, lr_max={lr:.3g})')
     learn.fit_one_cycle(args.epochs, lr)
     learn.plot_metrics(out / 'loss.png')
@@ -214,10 +222,10 @@ def _demo(args) -> int:
 
 def _fit(args) -> int:
     _check_data_args(args)
-    learn, n_out = _learner(args, args.model, args.opt, args.precision, args.bs)
+    learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
-    learn.add_cbs(_metric_cbs(n_out))
+    learn.add_cbs(_metric_cbs())
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
@@ -231,11 +239,10 @@ def _fit(args) -> int:
 
 def _lr_find(args) -> int:
     _check_data_args(args)
-    learn, _ = _learner(args, args.model, args.opt, args.precision, args.bs)
+    learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'lr-find')
-    lr = learn.lr_find(start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs,
-                       plot_path=out / 'lr_find.png')
-    print('suggested lr: none (no clear descent; try a smaller --start-lr)' if lr is None else f'suggested lr: {lr:.3g}')
+    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs)
+    print('suggested lr: none (the loss shows no clear descent: see the plot)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
     return 0
 
