@@ -1,5 +1,5 @@
 """The GPU benchmark: an epoch (train + valid) of FashionMNIST-sized synthetic data with the seed's CNN, ultraloop against
-a hand-written loop in the same process, epochs interleaved; then the whole-step CUDA graph floor, and the peers.
+a hand-written loop in the same process, epochs interleaved within one fit; then the whole-step CUDA graph floor, and the peers.
 
 Run on a machine with a CUDA GPU, one short call (a few minutes):
     python bench/gpu.py                          # bs 64 and 512, 60,000 train + 12,000 valid, 3 timed epochs each
@@ -131,15 +131,26 @@ def graph_floor(data, bs: int, dev: torch.device, fast: bool):
     return epoch
 
 
-def interleaved(a, b, epochs: int, dev: torch.device):
-    """Median seconds of each side and the median ratio b / a, epochs alternating so drift hits both alike."""
-    for f in (a, b): f(); sync(dev)  # warm-up (and compile, capture)
-    ta, tb, ratios = [], [], []
-    for _ in range(epochs):
-        for f, ts in ((a, ta), (b, tb)):
-            sync(dev); t = time.perf_counter(); f(); sync(dev); ts.append(time.perf_counter() - t)
-        ratios.append(tb[-1] / ta[-1])
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+def interleaved(hand_epoch, learn, epochs: int, dev: torch.device, valid: bool = True):
+    """Median seconds of a hand-written epoch, of an ultraloop epoch, and the median ratio ultraloop / hand.
+    The epochs run inside one fit (a hand epoch after each ultraloop one), so what a fit does once (compiling,
+    capturing the graph) stays out of the steady state measured, and drift hits both sides alike."""
+    th, tu = [], []
+
+    class Clock(U.Callback):
+        order = -10**9  # its before_epoch first: the epoch's time includes every callback's work
+
+        def before_epoch(self, learn):
+            if learn.training: sync(dev); self.t = time.perf_counter()
+
+        def cleanup_epoch(self, learn):
+            if learn.training == valid: return  # the epoch ends after the valid phase, or after train with valid=False
+            sync(dev); tu.append(time.perf_counter() - self.t)
+            t = time.perf_counter(); hand_epoch(); sync(dev); th.append(time.perf_counter() - t)
+
+    learn.fit(epochs + 1, valid=valid, cbs=[Clock()])  # the first epoch of each side is the warm-up
+    th, tu = th[1:], tu[1:]
+    return statistics.median(th), statistics.median(tu), statistics.median(u / h for u, h in zip(tu, th))
 
 
 def find_peers(arg: str | None) -> Path | None:
@@ -148,6 +159,7 @@ def find_peers(arg: str | None) -> Path | None:
 
 
 def run_peers(path: Path | None, a, bs: int, emit) -> None:
+    if a.peers == 'none': return
     if path is None: return emit({'peers': 'skipped', 'why': 'peers.py not found: pass --peers PATH'})
     for fw, module in PEERS.items():
         if module and importlib.util.find_spec(module) is None:
@@ -190,7 +202,7 @@ def main(argv=None):
                 emit({'case': case, 'bs': bs, 'skipped': 'CompileCB on the CPU: run with --quick or on a GPU'}); continue
             learn = ultraloop(data, bs, dev, case)
             base = 'hand_host' if case == 'ultraloop_host' else 'hand'
-            th, tu, r = interleaved(hand(data, bs, dev, host=base == 'hand_host'), lambda: learn.fit(1), a.epochs, dev)
+            th, tu, r = interleaved(hand(data, bs, dev, host=base == 'hand_host'), learn, a.epochs, dev)
             rec = {'case': case, 'bs': bs, 'baseline': base, f'{base}_us_per_batch': round(th / nb * 1e6, 1),
                    'ultraloop_us_per_batch': round(tu / nb * 1e6, 1), 'median_ratio': round(r, 3)}
             cg = next((cb for cb in learn.cbs if isinstance(cb, U.CudaGraphCB)), None)
@@ -199,8 +211,8 @@ def main(argv=None):
             if cg is not None:  # against the floor: train phase only, as graph_floor.py measures it
                 if not cuda: emit({'case': f'{case}_vs_floor', 'bs': bs, 'skipped': 'the floor needs CUDA'}); continue
                 nt = a.n // bs
-                tf, tg, r = interleaved(graph_floor(data, bs, dev, fast=case.endswith('bf16_cl')),
-                                        lambda: learn.fit(1, valid=False), a.epochs, dev)
+                tf, tg, r = interleaved(graph_floor(data, bs, dev, fast=case.endswith('bf16_cl')), learn, a.epochs, dev,
+                                        valid=False)
                 emit({'case': f'{case}_vs_floor', 'bs': bs, 'floor_us_per_step': round(tf / nt * 1e6, 1),
                       'ultraloop_us_per_step': round(tg / -(-a.n // bs) * 1e6, 1),
                       'median_ratio_per_step': round(r * nt / -(-a.n // bs), 3),  # the floor drops the last batch
