@@ -1,4 +1,5 @@
-"""The bundled digits and the FashionMNIST IDX reader, on files written by the tests."""
+"""What ships for the demo and examples: the bundled digits, the FashionMNIST IDX reader (on files written by the
+tests), and the seed's CNN and an MLP."""
 import gzip
 import struct
 
@@ -8,6 +9,7 @@ import torch
 import ultraloop
 from ultraloop.data import digits, fashion_mnist
 from ultraloop.datasets import FASHION_MNIST_FILES, read_idx
+from ultraloop.models import get_model, mlp
 
 
 def idx_bytes(t: torch.Tensor, magic_type: int = 0x08) -> bytes:
@@ -119,3 +121,34 @@ def test_digits_split_is_seeded_disjoint_and_scaled():
 def test_digits_bad_valid_pct(bad):
     with pytest.raises(ValueError, match='valid_pct must be a fraction between 0 and 1'):
         digits(valid_pct=bad)
+
+
+SEED_CNN_REPR = """Sequential(
+  (0): Conv2d(1, 8, kernel_size=(3, 3), stride=(1, 1))
+  (1): ReLU()
+  (2): Conv2d(8, 16, kernel_size=(3, 3), stride=(1, 1))
+  (3): ReLU()
+  (4): Conv2d(16, 32, kernel_size=(3, 3), stride=(1, 1))
+  (5): ReLU()
+  (6): AdaptiveAvgPool2d(output_size=1)
+  (7): Flatten(start_dim=1, end_dim=-1)
+  (8): Linear(in_features=32, out_features=10, bias=True)
+)"""  # as the seed prints its get_model()
+
+
+def test_get_model_is_the_seed_cnn_and_takes_both_image_sizes():
+    m = get_model()
+    assert repr(m) == SEED_CNN_REPR
+    assert sum(p.numel() for p in m.parameters()) == (9 * 8 + 8) + (8 * 9 * 16 + 16) + (16 * 9 * 32 + 32) + (32 * 10 + 10)
+    assert m(torch.zeros(2, 1, 8, 8)).shape == (2, 10) and m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    wide = get_model(n_out=3, widths=(4, 6), n_in=2)
+    assert [tuple(p.shape) for p in wide.parameters()] == [(4, 2, 3, 3), (4,), (6, 4, 3, 3), (6,), (3, 6), (3,)]
+
+
+def test_mlp_shapes_and_bad_sizes():
+    m = mlp(784)
+    assert m(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+    assert sum(p.numel() for p in m.parameters()) == 784 * 128 + 128 + 128 * 10 + 10
+    with pytest.raises(ValueError, match=r"n_hidden must be an int >= 1, got 0"): mlp(64, 0)
+    with pytest.raises(ValueError, match=r"widths must be a non-empty sequence of ints >= 1 .* got \[\]"): get_model(widths=())
+    with pytest.raises(ValueError, match=r"got \[8, 2\.5\]"): get_model(widths=(8, 2.5))
