@@ -188,3 +188,26 @@ def test_mixed_training_uses_bf16_off_cuda_and_the_dtype_asked_for():
     make_learner('MomentumLearner', [MixedTrainingCB(torch.float16), fp16]).fit(1)
     assert set(auto.seen) == {torch.bfloat16} and set(fp16.seen) == {torch.float16}
     assert repr(MixedTrainingCB()) == 'MixedTrainingCB(float16 on CUDA, else bfloat16)'
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA GPU'))])
+def test_fp16_equals_torchs_own_amp_recipe_overflow_skips_included(device):
+    from ultraloop import DeviceCB
+    x, y, xv, yv = big_gradient_data()  # large gradients: the first steps overflow and are skipped
+    cb = MixedPrecisionCB(torch.float16)
+    learn = make_learner('TrainLearner', [DeviceCB(device), cb], data=(x, y, xv, yv), loss_func=F.mse_loss)
+    learn.fit(2, valid=False)
+    model = toy_model().to(device)
+    opt, scaler = torch.optim.SGD(model.parameters(), lr=LR), torch.amp.GradScaler(device)
+    skipped = 0
+    for _ in range(2):
+        for i in range(0, len(x), BS):
+            with torch.autocast(device, dtype=torch.float16):
+                loss = F.mse_loss(model(x[i:i + BS].to(device)), y[i:i + BS].to(device))
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            scaler.step(opt); scaler.update(); opt.zero_grad()
+            skipped += scaler.get_scale() < scale
+    assert cb.skipped == skipped > 0 and cb.scaler.get_scale() == scaler.get_scale()
+    for p, q in zip(learn.model.parameters(), model.parameters()): assert torch.equal(p, q)
