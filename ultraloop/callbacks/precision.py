@@ -19,7 +19,8 @@ class MixedPrecisionCB(Callback):
     `CancelStepException` (so schedulers stepping in `after_step` do not advance) and counted in `skipped`.
     Reading whether the scaler found inf/NaN is one host-device sync per optimiser step (GradScaler.step makes the
     same one). bfloat16 needs no scaler and makes no sync. Works with any provider of the step methods (TrainCB,
-    TrainLearner, MomentumLearner) and with GradientAccumulationCB (it unscales once per real step)."""
+    TrainLearner, MomentumLearner, whose kept gradients are brought back to the scale after each step) and with
+    GradientAccumulationCB (it unscales once per real step). `state_dict()` holds the scaler's state."""
     order = -20  # after GradientAccumulationCB (-30), before GradientClippingCB (-10)
 
     def __init__(self, dtype: torch.dtype | None = torch.bfloat16, device_type: str | None = None):
