@@ -139,13 +139,14 @@ class FakeGraphs:
     """Stands in for torch.cuda's streams and graphs on the CPU, to check CudaGraphCB's schedule (warm-up, capture,
     replay, eager batches, recapture): capture records the step without its effects, as a real capture does, and each
     replay runs it again on the static inputs, writing the outputs into the tensors capture produced."""
-    def __init__(self, learn): self.learn, self.captures = learn, 0
+    def __init__(self, learn): self.learn, self.captures, self.capturing, self.streams_set = learn, 0, False, 0
 
     class Stream:
         def __init__(self, *a, **kw): pass
         def wait_stream(self, other): pass
 
     def current_stream(self, *a): return self.Stream()
+    def set_stream(self, s): self.streams_set += 1
     def stream(self, s): return contextlib.nullcontext()
 
     def CUDAGraph(self): return types.SimpleNamespace(replay=None)
@@ -157,7 +158,9 @@ class FakeGraphs:
         saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()),
                  [None if p.grad is None else p.grad.clone() for p in m.parameters()])
         static = learn.batch
-        yield
+        self.capturing = True
+        try: yield
+        finally: self.capturing = False
         self.captures += 1
         preds, loss = learn.preds, learn.loss
         m.load_state_dict(saved[0]); opt.load_state_dict(saved[1])
@@ -179,13 +182,19 @@ def accuracy_cb():
     return m
 
 
-def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
+def with_fake_graphs(monkeypatch, learn) -> FakeGraphs:
     from ultraloop.callbacks import speed
+    fake = FakeGraphs(learn)
+    for nm in ('Stream', 'current_stream', 'set_stream', 'stream', 'CUDAGraph', 'graph'):
+        monkeypatch.setattr(torch.cuda, nm, getattr(fake, nm))
+    monkeypatch.setattr(speed, '_graph_blocker', lambda learn, cb: None)
+    return fake
+
+
+def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
     learn = TrainLearner(toy_model(), DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False),
                          F.cross_entropy, lr=0.1)
-    fake = FakeGraphs(learn)
-    for nm in ('Stream', 'current_stream', 'stream', 'CUDAGraph', 'graph'): monkeypatch.setattr(torch.cuda, nm, getattr(fake, nm))
-    monkeypatch.setattr(speed, '_graph_blocker', lambda learn, cb: None)
+    fake = with_fake_graphs(monkeypatch, learn)
     class Losses(Callback):
         def __init__(self): self.seen = []
         def after_batch(self, learn):
@@ -207,6 +216,22 @@ def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
     assert [r['accuracy'] for r in metrics.history] == [r['accuracy'] for r in ref_metrics.history]
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
                 rtol=1e-6, atol=1e-7)
+
+
+def test_a_failed_capture_runs_that_batch_and_the_rest_eagerly(monkeypatch, capsys):
+    def loss_func(preds, y):
+        if fake.capturing: raise RuntimeError('CUDA error: operation not permitted when stream is capturing')
+        return F.cross_entropy(preds, y)
+    dls = lambda: DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False)
+    learn = TrainLearner(toy_model(), dls(), loss_func, lr=0.1)
+    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
+    learn.fit(2, cbs=[cb])
+    ref = TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.1)
+    ref.fit(2)
+    why = 'capture failed (RuntimeError: CUDA error: operation not permitted when stream is capturing)'
+    assert cb.reason == why and cb.replays == 0 and fake.streams_set == 1
+    assert capsys.readouterr().out == f'CudaGraphCB: {why}; training eagerly from here\n'
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()])
 
 
 @cuda

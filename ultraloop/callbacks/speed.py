@@ -133,10 +133,11 @@ class CudaGraphCB(Callback):
         if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
-        learn.batch, graph = self._static, torch.cuda.CUDAGraph()
+        learn.batch, graph, main = self._static, torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph, stream=self._stream): _train_step(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
+            torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
             learn.batch = b
             msg = str(e).strip().splitlines()
             return self._give_up(f'capture failed ({type(e).__name__}: {msg[0][:120] if msg else ""})')
