@@ -16,6 +16,7 @@ class GradientClippingCB(Callback):
     """Clips the gradient's total `norm_type`-norm to `max_norm` before each optimiser step.
     With GradientAccumulationCB it runs once per real step, on the accumulated gradient."""
     order = -10  # after accumulation (-30) and mixed precision's unscaling (-20), so it sees the true gradient
+    cuda_graph_safe = True  # no host sync: CudaGraphCB may capture it inside the step
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
         for nm, v in (('max_norm', max_norm), ('norm_type', norm_type)):
