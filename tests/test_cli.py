@@ -46,6 +46,14 @@ def test_help_documents_every_option(command, capsys):
             assert opt in opts
 
 
+def test_console_script_is_installed_and_answers():
+    exe = Path(sys.executable).with_name('ultraloop')  # what `pip install` makes of the entry point; demo.sh runs it
+    if not exe.exists(): pytest.skip('ultraloop is not installed in this environment (pip install -e .)')
+    r = subprocess.run([str(exe), '--help'], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith('usage: ultraloop [-h] COMMAND ...')
+    assert re.search(r'^    demo ', r.stdout, re.M) and re.search(r'^    lr-find ', r.stdout, re.M)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['fit', '--epochs', '-1'], r'^ultraloop fit: error: argument --epochs: must be >= 1, got -1 \(see ultraloop fit --help\)$'),
     (['fit', '--epochs', 'two'], r"argument --epochs: expected a whole number, got 'two'"),
