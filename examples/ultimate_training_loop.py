@@ -157,7 +157,7 @@ else: print('AccelerateCB needs accelerate: pip install accelerate')
 # %% [markdown]
 # ## LR finder
 #
-# `learn.lr_find()` raises the learning rate 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum,
+# `learn.lr_find()` raises the learning rate 1.3x per batch from 1e-5 until the smoothed loss exceeds 3x its minimum,
 # plots loss against lr, and returns a suggested learning rate (None, with a warning, when the loss shows no
 # clear descent). Afterwards the weights, the optimiser and the random state are as they were, so the fit that
 # follows is the one it would have been. Here with AdamW, then one cycle of the learning rate up to the suggestion.

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(run=_fit)
 
     lrf = sub.add_parser('lr-find', help='run the LR finder and print its suggestion',
-                         description='Train with a growing learning rate until the loss exceeds 3x its minimum, '
+                         description='Train with a growing learning rate until the smoothed loss exceeds 3x its minimum, '
                          'save the loss-against-lr plot and print the suggested learning rate. The model is left '
                          'as it was.')
     _add_data_model_options(lrf)
@@ -207,7 +207,7 @@ def _demo(args) -> int:
     _check_paths(args)
     learn = _learner(args, 'cnn', 'adamw', 'no', 64)
     out = _run_dir(args.out, 'demo')
-    print('LR finder: the lr grows 1.3x per batch from 1e-5 until the loss exceeds 3x its minimum')
+    print('LR finder: the lr grows 1.3x per batch from 1e-5 until the smoothed loss exceeds 3x its minimum')
     lr = _lr_find_quietly(learn, out)
     if lr is None: lr = DEFAULT_LR['adamw']; print(f'no suggested lr (the loss shows no clear descent); using lr {lr:g}')
     else: print(f'suggested lr: {lr:.3g}')
