@@ -111,8 +111,9 @@ CASES = {'core': (hand_written, ultraloop_core), 'metrics': (hand_metrics, ultra
 def interleaved(a, b, epochs: int) -> tuple[float, float, float]:
     a(); b()  # warm-up
     ta, tb, ratios = [], [], []
-    for _ in range(epochs):
-        for f, ts in ((a, ta), (b, tb)):
+    for i in range(epochs):
+        pair = ((a, ta), (b, tb))
+        for f, ts in pair if i % 2 == 0 else pair[::-1]:  # ABBA: neither side always runs second
             t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
         ratios.append(tb[-1] / ta[-1])
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
