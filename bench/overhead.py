@@ -105,7 +105,10 @@ def ultraloop_metrics(data, bs):
     return lambda: learn.fit(1)
 
 
-CASES = {'core': (hand_written, ultraloop_core), 'metrics': (hand_metrics, ultraloop_metrics)}
+# 'noise': the hand-written loop against a second copy of itself; how far its ratio strays from 1.0 is the
+# machine's noise floor for the other cases' ratios
+CASES = {'noise': (hand_written, hand_written), 'core': (hand_written, ultraloop_core),
+         'metrics': (hand_metrics, ultraloop_metrics)}
 
 
 def interleaved(a, b, epochs: int) -> tuple[float, float, float]:
