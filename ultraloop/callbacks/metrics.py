@@ -64,6 +64,8 @@ class MetricsCB(Callback):
     def __init__(self, *ms, **metrics):
         for o in ms: metrics[type(o).__name__] = o
         for k, m in metrics.items():
+            if isinstance(m, type):
+                raise TypeError(f'metric {k!r} is the class {m.__name__}; pass an instance: {m.__name__}(...)')
             if not _is_metric(m):
                 raise TypeError(f'metric {k!r} is a {type(m).__name__} without update/compute/reset; pass a metric object, '
                                 f'e.g. torchmetrics.classification.MulticlassAccuracy(num_classes=10)')
