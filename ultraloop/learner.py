@@ -204,27 +204,28 @@ class Learner:
             self._one_batch()
 
     def _one_batch(self) -> None:
-        cb = self.callback
+        h = self._handlers  # the hot path: each handler loop is inlined, as a method call per event costs ~0.3 % of a small step
         try:
-            cb('before_batch')
+            for f in h['before_batch']: f(self)
             self.predict()
-            cb('after_predict')
+            for f in h['after_predict']: f(self)
             self.get_loss()
             if self.iter == 0: self._check_loss()
             loss = self.loss
-            cb('after_loss')
+            for f in h['after_loss']: f(self)
             if self.training:
                 self.backward()
                 self.loss = loss  # what after_loss scaled was for backward only; metrics see get_loss's value
                 try:
-                    cb('after_backward')
+                    for f in h['after_backward']: f(self)
                     self.step()
-                    cb('after_step')
+                    for f in h['after_step']: f(self)
                     self.zero_grad()
                 except CancelStepException: pass
-            cb('after_batch')
+            for f in h['after_batch']: f(self)
         except CancelBatchException: pass
-        finally: cb('cleanup_batch')
+        finally:
+            for f in h['cleanup_batch']: f(self)
 
     def _with_events(self, f, before: str, after: str, cleanup: str, cancel: type[Exception], *args) -> None:
         try:
