@@ -95,6 +95,16 @@ def test_readme_callback_table_names_only_what_exists_with_its_order():
             assert getattr(ultraloop, name).order == float(order), f'README gives {name} order {order}'
 
 
+def merge_streams(outputs: list) -> list:
+    """Join neighbouring stdout chunks: how the kernel splits a cell's printing depends on timing."""
+    merged = []
+    for o in outputs:
+        if merged and o.output_type == 'stream' and merged[-1].output_type == 'stream' and merged[-1].name == o.name:
+            merged[-1].text += o.text
+        else: merged.append(o)
+    return merged
+
+
 def execute(nb, folder) -> None:
     """Run every cell of `nb` in a fresh kernel with `folder` as the working folder, keeping the outputs."""
     from nbclient import NotebookClient
@@ -115,7 +125,9 @@ if __name__ == '__main__':  # rebuild the notebook from the script, with its out
     import nbformat
     nb = build_notebook()
     with tempfile.TemporaryDirectory() as d: execute(nb, d)
-    for c in nb.cells:  # warnings name this machine's paths and packages: not for the stored copy
-        if c.cell_type == 'code': c.outputs = [o for o in c.outputs if o.get('name') != 'stderr']
+    for c in nb.cells:  # warnings name this machine's paths and packages, timings change every run: not stored
+        if c.cell_type == 'code':
+            c.outputs = merge_streams([o for o in c.outputs if o.get('name') != 'stderr'])
+            c.metadata.pop('execution', None)
     nbformat.write(nb, NOTEBOOK)
     print(f'wrote {NOTEBOOK}')
