@@ -152,3 +152,5 @@ def test_mlp_shapes_and_bad_sizes():
     with pytest.raises(ValueError, match=r"n_hidden must be an int >= 1, got 0"): mlp(64, 0)
     with pytest.raises(ValueError, match=r"widths must be a non-empty sequence of ints >= 1 .* got \[\]"): get_model(widths=())
     with pytest.raises(ValueError, match=r"got \[8, 2\.5\]"): get_model(widths=(8, 2.5))
+    with pytest.raises(ValueError, match=r"n_out must be an int >= 1, got 0"): get_model(n_out=0)
+    with pytest.raises(ValueError, match=r"n_in must be an int >= 1, got 1\.0"): get_model(n_in=1.0)

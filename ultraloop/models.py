@@ -8,12 +8,18 @@ from torch import nn
 __all__ = ['get_model', 'mlp']
 
 
+def _check_sizes(**sizes: int) -> None:
+    for nm, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f'{nm} must be an int >= 1, got {v!r}')
+
+
 def get_model(n_out: int = 10, widths: Sequence[int] = (8, 16, 32), n_in: int = 1) -> nn.Sequential:
     """The seed's CNN: unpadded 3x3 convolutions with ReLU, global average pooling, one Linear.
 
     With the defaults it is exactly the seed's `get_model()`. Each convolution trims 2 pixels,
     so images need more than 2 * len(widths) pixels a side: 8x8 digits end at 2x2, 28x28 FashionMNIST at 22x22.
     """
+    _check_sizes(n_out=n_out, n_in=n_in)
     widths = list(widths)
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
         raise ValueError(f'widths must be a non-empty sequence of ints >= 1 (channels per convolution), got {widths!r}')
@@ -26,6 +32,5 @@ def get_model(n_out: int = 10, widths: Sequence[int] = (8, 16, 32), n_in: int = 
 
 def mlp(n_in: int = 64, n_hidden: int = 128, n_out: int = 10) -> nn.Sequential:
     """Flatten, one hidden ReLU layer, a Linear out: `mlp(64)` for 8x8 digits, `mlp(784)` for 28x28 images."""
-    for nm, v in (('n_in', n_in), ('n_hidden', n_hidden), ('n_out', n_out)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f'{nm} must be an int >= 1, got {v!r}')
+    _check_sizes(n_in=n_in, n_hidden=n_hidden, n_out=n_out)
     return nn.Sequential(nn.Flatten(), nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out))
