@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .callbacks.hooks import Hooks
+from .callbacks.hooks import Hooks, _is_leaf
 from .data import to_device
 
 __all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
@@ -172,11 +172,11 @@ def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None)
         x = _model_input(learn, batch, input_shape, device)
         bs = x.shape[0] if x.ndim else 1
         names = {id(m): n or 'model' for n, m in model.named_modules()}
-        mods = [m for m in model.modules() if next(m.children(), None) is None or next(m.parameters(False), None) is not None]
+        mods = [m for m in model.modules() if _is_leaf(m) or next(m.parameters(False), None) is not None]
         rows, seen = [], set()
 
         def record(hook, m, inp, outp):
-            own = next(m.children(), None) is not None  # a container with parameters of its own: count only those
+            own = not _is_leaf(m)  # a container with parameters of its own: count only those
             params = 0 if id(m) in seen else sum(p.numel() for p in m.parameters(recurse=not own))
             seen.add(id(m))
             rows.append(LayerInfo(names[id(m)], type(m).__name__, _shape(inp), _shape(outp), params,
