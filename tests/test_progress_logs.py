@@ -96,6 +96,27 @@ def test_plot_is_saved_after_fit_even_when_cancelled(tmp_path, capsys):
     assert path.stat().st_size > 1000
 
 
+def test_an_error_in_an_earlier_before_fit_propagates_unchanged(tmp_path, capsys):
+    class FailCB(Callback):
+        order = -10  # its before_fit runs before ProgressCB's
+        fail = True
+        def before_fit(self, learn):
+            if self.fail: raise RuntimeError('bad setup')
+
+    fail, prog, path = FailCB(), ProgressCB(plot=True, path=tmp_path / 'loss.png'), tmp_path / 'loss.png'
+    learn, m = learner(20, cbs=[prog, fail])
+    with pytest.raises(RuntimeError, match='bad setup'): learn.fit(1)  # in its first fit
+    assert not path.exists()
+    fail.fail = False
+    learn.fit(1)
+    fail.fail = True
+    with pytest.raises(RuntimeError, match='bad setup'): learn.fit(1)  # in a later fit
+    learn.rm_cbs([prog, fail])
+    capsys.readouterr()
+    learn.fit(1)
+    assert capsys.readouterr().out.splitlines()[0].startswith("{'accuracy': ")  # MetricsCB prints its dicts again
+
+
 def test_progress_arguments_are_checked():
     with pytest.raises(ValueError, match='refresh is seconds between loss reads'): ProgressCB(refresh=-1)
 

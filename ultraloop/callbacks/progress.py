@@ -39,6 +39,7 @@ class ProgressCB(Callback):
             get_plt()  # a missing matplotlib fails here, not after the first epoch
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
+        self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
@@ -46,6 +47,7 @@ class ProgressCB(Callback):
         self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
         if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
+        self._started = True
 
     def before_epoch(self, learn):
         if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
@@ -97,6 +99,8 @@ class ProgressCB(Callback):
         if self._mbar is not None: self._mbar.update(learn.n_epochs - self._mbar.n)
 
     def cleanup_fit(self, learn):
+        if not self._started: return  # an earlier callback's before_fit failed: let its error through untouched
+        self._started = False
         self._close_bar()
         if self._mbar is not None: self._mbar.close()
         if self._took_log: del self._metrics._log
