@@ -142,6 +142,24 @@ def test_each_fit_starts_its_schedule_from_its_own_lr():
     assert first.lrs[:3] == [0.1, 0.05, 0.025] and second.lrs[:3] == [0.01, 0.005, 0.0025]
 
 
+def test_a_fit_that_fails_before_the_schedule_starts_leaves_the_hyper_parameters_alone():
+    class FailCB(Callback):
+        order = -10  # its before_fit runs before the schedule's
+        fail = False
+        def before_fit(self, learn):
+            if self.fail: raise RuntimeError('bad setup')
+
+    fail = FailCB()
+    sgd = partial(optim.SGD, momentum=0.9)
+    learn = learner(opt_func=sgd, cbs=[BatchSchedCB(partial(lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=6)), fail])
+    learn.fit(1, valid=False)
+    assert learn.opt.param_groups[0]['momentum'] == 0.9  # cycled during the fit, put back after it
+    learn.opt.param_groups[0]['momentum'] = 0.5  # the user's own change between fits
+    fail.fail = True
+    with pytest.raises(RuntimeError, match='bad setup'): learn.fit(1)
+    assert learn.opt.param_groups[0]['momentum'] == 0.5
+
+
 def test_bad_schedules_are_refused():
     with pytest.raises(TypeError, match='sched_func must be callable'): BatchSchedCB(lr_scheduler.StepLR(
         optim.SGD([nn.Parameter(torch.zeros(1))], 0.1), 1))

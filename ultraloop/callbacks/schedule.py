@@ -26,6 +26,7 @@ class _SchedCB(Callback):
         self.sched_func = sched_func
         self.sched = None
         self.lrs: list[float] = []
+        self._saved: list[dict] | None = None  # the cycled hyper-parameters of the fit in progress, put back after it
 
     def before_fit(self, learn):
         if learn.opt is None: raise ValueError(f'{self.name} needs learn.opt: pass opt_func to Learner or set learn.opt')
@@ -44,8 +45,9 @@ class _SchedCB(Callback):
         self.sched.step()
 
     def cleanup_fit(self, learn):
-        if learn.opt is None or self.sched is None: return
+        if self._saved is None: return  # this fit's before_fit did not get this far: nothing to put back
         for g, saved in zip(learn.opt.param_groups, self._saved): g.update(saved)
+        self._saved = None  # a later fit failing before its before_fit must not restore these stale values
 
 
 class BatchSchedCB(_SchedCB):
