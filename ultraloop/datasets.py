@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
@@ -58,8 +59,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     header = 4 + 4 * ndim
     if len(data) < header: raise ValueError(f'{path} is truncated: its header is incomplete; download it again')
     shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
-    n = 1
-    for s in shape: n *= s
+    n = math.prod(shape)
     if len(data) - header != n:
         raise ValueError(f'{path} holds {len(data) - header} bytes of data but its header says {shape} '
                          f'({n} bytes); the file is damaged or truncated: download it again')

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import random
 import sys
 from contextlib import contextmanager
@@ -50,8 +51,7 @@ def _flops(m: nn.Module, inp, outp) -> int:
     parameter-free reshapes and dropout 0, every other layer one op per input element."""
     x = inp[0] if isinstance(inp, tuple) and inp and isinstance(inp[0], torch.Tensor) else None
     if isinstance(m, nn.modules.conv._ConvNd) and isinstance(outp, torch.Tensor) and x is not None:
-        k = 1
-        for s in m.kernel_size: k *= s
+        k = math.prod(m.kernel_size)
         if m.transposed: return 2 * k * (m.out_channels // m.groups) * x.numel()
         return 2 * k * (m.in_channels // m.groups) * outp.numel()
     if isinstance(m, nn.Linear) and isinstance(outp, torch.Tensor): return 2 * m.in_features * outp.numel()
