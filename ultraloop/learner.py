@@ -31,7 +31,6 @@ EVENTS: dict[str, str] = {
 }
 # The step methods: each comes from exactly one provider, a callback that defines it or else the Learner itself.
 STEP_METHODS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
-_TRAIN_ONLY_STEPS = ('backward', 'step', 'zero_grad')
 _EVENT_PREFIXES = ('before_', 'after_', 'cleanup_')
 
 
