@@ -59,6 +59,7 @@ def test_hooks_on_a_sequential_hook_each_child_until_removed():
     (lambda: Hook(nn.Linear(2, 2), 3), 'fn must be callable'),
     (lambda: Hooks(nn.Linear(2, 2), keep_output), r'pass \[module\]'),
     (lambda: Hooks([nn.Linear(2, 2), 'x'], keep_output), r'modules\[1\] is a str'),
+    (lambda: Hooks(5, keep_output), r'modules must be an iterable of modules, got a int'),
 ])
 def test_hook_bad_inputs(make, match):
     with pytest.raises(TypeError, match=match): make()
@@ -122,6 +123,10 @@ def test_hooks_callback_bad_inputs():
         HooksCallback(keep_output, mod_filter=nn.Linear, mods=[nn.Linear(1, 1)])
     with pytest.raises(ValueError, match='both False'): HooksCallback(keep_output, on_train=False)
     with pytest.raises(ValueError, match='mods is empty'): HooksCallback(keep_output, mods=[])
+    with pytest.raises(TypeError, match=r'mods must be an iterable of modules, got a int: pass \[module\]'):
+        HooksCallback(keep_output, mods=5)
+    with pytest.raises(TypeError, match=r'mods\[1\] is a str, not a torch.nn.Module'):
+        HooksCallback(keep_output, mods=[nn.Linear(1, 1), 'x'])
 
 
 @pytest.mark.parametrize('kw, match', [({'mods': [nn.Linear(8, 16)]}, r'mods\[0\] \(Linear\) is not a module of learn.model'),

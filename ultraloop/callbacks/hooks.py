@@ -42,17 +42,23 @@ class Hook:
         return f'Hook({self.name or type(self.module).__name__}, {"active" if self.active else "removed"})'
 
 
+def _module_list(modules, name: str) -> list[nn.Module]:
+    """`modules` as a list, checked before any hook is installed, so a bad entry leaves no hook behind."""
+    if not isinstance(modules, Iterable):  # a Sequential or ModuleList iterates over its children; a Linear does not
+        raise TypeError(f'{name} must be an iterable of modules, got a {type(modules).__name__}: '
+                        f'pass [module], or list(model.children())')
+    mods = list(modules)
+    for i, m in enumerate(mods):
+        if not isinstance(m, nn.Module): raise TypeError(f'{name}[{i}] is a {type(m).__name__}, not a torch.nn.Module')
+    return mods
+
+
 class Hooks(list):
     """One `Hook(m, fn)` per module in `modules` (a list, or a Sequential's children: `Hooks(model, fn)`);
     a context manager that removes them all on exit."""
 
     def __init__(self, modules: Iterable[nn.Module], fn: Callable):
-        if isinstance(modules, nn.Module) and not hasattr(type(modules), '__iter__'):
-            raise TypeError(f'Hooks needs modules to iterate over, got a {type(modules).__name__}: '
-                            f'pass [module], or list(model.children())')
-        mods = list(modules)
-        for i, m in enumerate(mods):
-            if not isinstance(m, nn.Module): raise TypeError(f'modules[{i}] is a {type(m).__name__}, not a torch.nn.Module')
+        mods = _module_list(modules, 'modules')
         if not callable(fn): raise TypeError(f'fn must be callable as fn(hook, module, inp, outp), got {fn!r}')
         super().__init__(Hook(m, fn) for m in mods)
 
@@ -88,7 +94,7 @@ class HooksCallback(Callback):
             raise ValueError('pass mods or mod_filter, not both: mods lists the modules to hook, mod_filter picks them')
         if not (on_train or on_valid): raise ValueError('on_train and on_valid are both False, so the hooks would never run')
         self.hookfunc, self.mod_filter, self.on_train, self.on_valid = hookfunc, mod_filter, on_train, on_valid
-        self.mods = None if mods is None else list(mods)
+        self.mods = None if mods is None else _module_list(mods, 'mods')
         if self.mods == []: raise ValueError('mods is empty, so nothing would be hooked: pass modules, or mods=None')
         self.hooks = Hooks([], hookfunc)
         self._learn = None
