@@ -148,9 +148,7 @@ class Learner:
 
     def __getattr__(self, name: str) -> Any:
         # only reached when normal lookup fails: turns a missing step method into an error that says what to do
-        if name in STEP_METHODS:
-            raise AttributeError(f'{type(self).__name__} has no {name}() and no callback provides one: '
-                                 f'add TrainCB() to cbs or subclass TrainLearner')
+        if name in STEP_METHODS: raise self._no_step(name)
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -255,9 +253,11 @@ class Learner:
                              f'or move the other\'s work into an event such as after_loss or after_backward')
         needed = STEP_METHODS if train else ('predict', 'get_loss')
         for nm in needed:
-            if not hasattr(self, nm):
-                raise AttributeError(f'{type(self).__name__} has no {nm}() and no callback provides one: '
-                                     f'add TrainCB() to cbs or subclass TrainLearner')
+            if not hasattr(self, nm): raise self._no_step(nm)
+
+    def _no_step(self, nm: str) -> AttributeError:
+        return AttributeError(f'{type(self).__name__} has no {nm}() and no callback provides one: '
+                              f'add TrainCB() to cbs or subclass TrainLearner')
 
     def _check_batch(self) -> None:
         b = self.batch
