@@ -207,7 +207,8 @@ def test_activation_stats_figures_are_saved_as_png(tmp_path):
 
 @pytest.mark.parametrize('kw, match', [({'bins': 0}, 'bins must be an int >= 1'),
                                        ({'hist_range': (1., 1.)}, 'hist_range must be'),
-                                       ({'hist_range': 10}, 'hist_range must be')])
+                                       ({'hist_range': 10}, 'hist_range must be'),
+                                       ({'hist_range': ('0', '10')}, r"hist_range must be \(low, high\) .* got \('0', '10'\)")])
 def test_activation_stats_bad_inputs(kw, match):
     with pytest.raises(ValueError, match=match): ActivationStatsCB(**kw)
 

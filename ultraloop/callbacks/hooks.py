@@ -142,7 +142,9 @@ class ActivationStatsCB(HooksCallback):
                  mods: Iterable[nn.Module] | None = None, bins: int = 40, hist_range: tuple[float, float] = (0., 10.)):
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ValueError(f'bins must be an int >= 1, got {bins!r}')
-        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2 and hist_range[0] < hist_range[1]):
+        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in hist_range)
+                and hist_range[0] < hist_range[1]):
             raise ValueError(f'hist_range must be (low, high) with low < high, got {hist_range!r}')
         self.bins, self.hist_range = bins, (float(hist_range[0]), float(hist_range[1]))
         super().__init__(self._append, mod_filter, on_train, on_valid, mods)
