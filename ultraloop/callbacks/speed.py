@@ -40,7 +40,7 @@ class CompileCB(Callback):
     keeps only static graphs.
     """
     def __init__(self, **kwargs):
-        self.kwargs = kwargs
+        self.kwargs, self._model = kwargs, None  # _model: the module whose forward this fit replaced
 
     def before_fit(self, learn):
         m = learn.model
@@ -52,7 +52,7 @@ class CompileCB(Callback):
         self._model = m
 
     def cleanup_fit(self, learn):
-        m = getattr(self, '_model', None)
+        m = self._model
         if m is not None and 'forward' in vars(m): del m.forward  # back to the class's own forward
         self._model = None
 
