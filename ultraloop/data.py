@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -12,20 +13,22 @@ def_device = ('mps' if torch.backends.mps.is_available()
               else 'cpu')
 
 
+def _map_tensors(f: Callable[[torch.Tensor], Any], x):
+    """`f` applied to every tensor in `x` (a tensor, or lists, tuples and dicts of them); other values pass through."""
+    if isinstance(x, torch.Tensor): return f(x)
+    if isinstance(x, Mapping): return {k: _map_tensors(f, v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_map_tensors(f, o) for o in x)
+    return x
+
+
 def to_device(x, device=def_device, non_blocking: bool = False):
     """Move every tensor in `x` (a tensor, or lists, tuples and dicts of them) to `device`; other values pass through."""
-    if isinstance(x, torch.Tensor): return x.to(device, non_blocking=non_blocking)
-    if isinstance(x, Mapping): return {k: to_device(v, device, non_blocking) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(to_device(o, device, non_blocking) for o in x)
-    return x
+    return _map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
 
 
 def to_cpu(x):
     """Detach and copy every tensor in `x` to the CPU (note: a host-device sync for tensors on an accelerator)."""
-    if isinstance(x, torch.Tensor): return x.detach().cpu()
-    if isinstance(x, Mapping): return {k: to_cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(to_cpu(o) for o in x)
-    return x
+    return _map_tensors(lambda t: t.detach().cpu(), x)
 
 
 class TensorLoader:
