@@ -101,7 +101,7 @@ class Learner:
         self.opt = None
         self._opt_params: list[int] = []
         self.cbs: list = []
-        self.add_cbs(_as_cbs(cbs))
+        self.add_cbs(cbs)
 
     # ---- callbacks -------------------------------------------------------------------------------------
     def add_cbs(self, cbs) -> Learner:
@@ -323,7 +323,7 @@ class Learner:
         for ev in EVENTS:
             if ev in steps_after:
                 nm = steps_after[ev]
-                lines.append(f'{"      "}{nm}() -> {provider(nm)}')
+                lines.append(f'      {nm}() -> {provider(nm)}')
             names = ', '.join(repr(getattr(f, '__self__', f)) for f in self._handlers[ev])
             lines.append(f'{indent(ev)}{ev}: {names or "-"}')
         hooks = _installed_hooks(self.model) if isinstance(self.model, nn.Module) else {}
