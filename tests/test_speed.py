@@ -10,8 +10,8 @@ from conftest import toy_data, toy_model
 from torch import nn
 from torch.nn import functional as F
 
-from ultraloop import (Callback, ChannelLastCB, ChannelsLastCB, CompileCB, CudaGraphCB, DataLoaders, DeviceCB, Learner,
-                       MetricsCB, MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
+from ultraloop import (ActivationStatsCB, Callback, ChannelLastCB, ChannelsLastCB, CompileCB, CudaGraphCB, DataLoaders,
+                       DeviceCB, Learner, MetricsCB, MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -116,6 +116,8 @@ class Observe(Callback):
 @pytest.mark.parametrize('other, why', [
     (Observe(), 'Observe() runs Python in after_backward, between predict and step'),
     (MixedPrecisionCB(torch.float16), 'MixedPrecisionCB(float16) runs Python in after_loss, after_backward'),
+    (ActivationStatsCB(mod_filter=nn.Linear), 'the model has forward hooks (ActivationStatsCB() on 0 (Linear), 2 (Linear)), '
+                                              'which would run only once, at capture, not on replays'),
 ])
 def test_cuda_graph_names_the_callback_that_prevents_capture(other, why, capsys):
     cb = CudaGraphCB()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..learner import Callback, CancelBatchException
+from ..learner import Callback, CancelBatchException, _installed_hooks
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
 
@@ -75,7 +75,8 @@ class CudaGraphCB(Callback):
 
     Falls back to the eager loop, with a one-line message saying why, when the model is not on a CUDA device, a
     callback must run Python between predict and step (a handler of after_predict, after_loss, after_backward or
-    after_step on a callback without `cuda_graph_safe = True`), the batch is not a list of tensors, capture fails
+    after_step on a callback without `cuda_graph_safe = True`), the model has forward hooks (Python that would run
+    at capture only, e.g. ActivationStatsCB's), the batch is not a list of tensors, capture fails
     (a host sync such as `.item()` inside the step, an optimiser without `capturable=True` where torch needs it), or
     the lr changes within an epoch more than once. Results equal the eager step's: the graph replays its kernels.
     """
@@ -171,6 +172,10 @@ def _graph_blocker(learn, graph_cb: CudaGraphCB) -> str | None:
                         f'device work there can say so with cuda_graph_safe = True)')
         if getattr(cb, 'before_batch', None) is not None and getattr(cb, 'order', 0) > graph_cb.order:
             return f'{cb!r} has a before_batch after CudaGraphCB (order {cb.order} > {graph_cb.order})'
+    hooks = _installed_hooks(learn.model)
+    if hooks:
+        where = '; '.join(f'{who} on {", ".join(mods)}' for who, mods in hooks.items())
+        return f'the model has forward hooks ({where}), which would run only once, at capture, not on replays'
     p = next(learn.model.parameters(), None)
     if p is None or not p.is_cuda: return f'the model is on {"no device" if p is None else p.device}, not a CUDA device'
     if learn.opt is None: return 'learn.opt is None'
