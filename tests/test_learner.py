@@ -239,6 +239,17 @@ def test_callback_class_instead_of_instance():
         Learner(toy_model(), dls(), F.cross_entropy, cbs=[TrainCB])
 
 
+def test_object_with_no_hook_refused_as_a_callback():
+    for bad, shown in (('TrainCB', "'TrainCB' \\(str\\)"), (None, 'None \\(NoneType\\)')):
+        with pytest.raises(TypeError, match=f'got {shown} as a callback, but it has no event or step method'):
+            Learner(toy_model(), dls(), F.cross_entropy, cbs=[TrainCB(), bad])
+    learn = Learner(toy_model(), dls(), F.cross_entropy, cbs=[TrainCB()])
+    with pytest.raises(TypeError, match=r'would do nothing: pass a callback instance such as TrainCB\(\)'):
+        learn.fit(1, cbs='TraceCB')
+    assert len(learn.cbs) == 1
+    learn.fit(1)
+
+
 def test_same_callback_twice_refused():
     cb = TraceCB()
     with pytest.raises(ValueError, match='already in learn.cbs'):

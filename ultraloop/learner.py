@@ -67,9 +67,13 @@ def _order(cb) -> float: return getattr(cb, 'order', 0)
 
 
 def _check_callback(cb) -> None:
-    """Refuse a class passed for an instance, and any method that looks like an event but is not one (a typo)."""
+    """Refuse a class passed for an instance, an object with no hook at all (None, a name), and any method that looks
+    like an event but is not one (a typo)."""
     if isinstance(cb, type):
         raise TypeError(f'got the class {cb.__name__} as a callback; pass an instance: {cb.__name__}()')
+    if not isinstance(cb, Callback) and not any(callable(getattr(cb, nm, None)) for nm in (*EVENTS, *STEP_METHODS)):
+        raise TypeError(f'got {cb!r} ({type(cb).__name__}) as a callback, but it has no event or step method, so it '
+                        f'would do nothing: pass a callback instance such as TrainCB()')
     for nm in dir(cb):
         if nm.startswith(_EVENT_PREFIXES) and nm not in EVENTS and callable(getattr(cb, nm, None)):
             close = difflib.get_close_matches(nm, EVENTS, n=1, cutoff=0.5)
