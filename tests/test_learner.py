@@ -157,6 +157,15 @@ def test_device_cb_moves_model_and_batch_as_list():
     assert next(learn.model.parameters()).device == torch.device('cpu')
 
 
+def test_device_cb_refuses_mps_where_there_is_none():
+    if torch.backends.mps.is_available(): pytest.skip('this machine has MPS')
+    learn = TrainLearner(toy_model(), dls(), F.cross_entropy, cbs=[DeviceCB('mps')])
+    with pytest.raises(ValueError, match=r"DeviceCB\('mps'\): MPS is not available on this machine; use DeviceCB\(\)"):
+        learn.fit(1)
+    learn.rm_cb(learn.cbs[0])
+    learn.fit(1)  # still usable
+
+
 def test_single_batch_cb_stops_after_one_batch(capsys):
     t = TraceCB()
     learn = TrainLearner(toy_model(), dls(), F.cross_entropy, cbs=[SingleBatchCB(), t])

@@ -78,9 +78,10 @@ class DeviceCB(Callback):
         self.device, self.prefetch, self._resident, self._dl = torch.device(device), prefetch, False, None
 
     def before_fit(self, learn):
-        if self.device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f"DeviceCB('{self.device}'): CUDA is not available on this machine; use DeviceCB() "
-                             f"(it picks {def_device!r}) or DeviceCB('cpu')")
+        available = {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(self.device.type)
+        if available is not None and not available():
+            raise ValueError(f"DeviceCB('{self.device}'): {self.device.type.upper()} is not available on this machine; "
+                             f"use DeviceCB() (it picks {def_device!r}) or DeviceCB('cpu')")
         learn.model.to(self.device)
 
     def before_epoch(self, learn):
