@@ -150,9 +150,13 @@ def test_callbacks_run_by_order_then_insertion():
         def __init__(self, name, order): self.nm, self.order = name, order
         def before_fit(self, learn): calls.append(self.nm)
 
-    learn, _ = learner(Rec('a', 1), Rec('b', 0), Rec('c', 1), Rec('d', -1))
+    learn, _ = learner(a := Rec('a', 1), Rec('b', 0), Rec('c', 1), Rec('d', -1))
     learn.fit(0)
     assert calls == ['d', 'b', 'a', 'c']
+    calls.clear()
+    a.order = 2  # changed after it was added: the next fit sees it
+    learn.fit(0)
+    assert calls == ['d', 'b', 'c', 'a']
 
 
 def test_valid_phase_runs_without_grad_and_in_eval_mode():

@@ -164,9 +164,8 @@ class Learner:
         `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with."""
         self._check_fit_args(n_epochs, train, valid, lr)
         cbs = _as_cbs(cbs)
-        self.add_cbs(cbs)
+        self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
-            self._update_cbs()  # a callback's order may have changed since it was added
             self._check_steps(train)
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
             self._prepare_opt(self.lr if lr is None else lr)
