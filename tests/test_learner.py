@@ -118,6 +118,13 @@ def test_add_rm_cb_rebuild_the_table():
     assert len(t.events) == n
     with pytest.raises(ValueError, match='not in learn.cbs'):
         learn.rm_cb(t)
+    kept = TraceCB()
+    learn.add_cb(kept)
+    with pytest.raises(ValueError, match='not in learn.cbs'):
+        learn.rm_cbs([kept, t])  # one bad entry: nothing is removed
+    assert learn.cbs == [kept]
+    learn.fit(1)
+    assert kept.events[0] == 'before_fit'
 
 
 def test_callback_step_method_replaces_the_learner_own():

@@ -121,10 +121,10 @@ class Learner:
     def add_cb(self, cb) -> Learner: return self.add_cbs([cb])
 
     def rm_cbs(self, cbs) -> Learner:
-        for cb in _as_cbs(cbs):
-            i = next((i for i, o in enumerate(self.cbs) if o is cb), None)
-            if i is None: raise ValueError(f'{cb!r} is not in learn.cbs, so it cannot be removed')
-            del self.cbs[i]
+        cbs = _as_cbs(cbs)
+        for cb in cbs:  # check them all first: a failed call leaves learn.cbs and its table as they were
+            if not any(cb is o for o in self.cbs): raise ValueError(f'{cb!r} is not in learn.cbs, so it cannot be removed')
+        self.cbs[:] = [o for o in self.cbs if not any(o is cb for cb in cbs)]
         self._update_cbs()
         return self
 
