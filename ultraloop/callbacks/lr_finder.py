@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..learner import Callback, CancelEpochException, CancelFitException
+from ..learner import Callback, CancelEpochException, CancelFitException, Learner
 from .schedule import BatchSchedCB, EpochSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -127,6 +127,9 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
     return suggestion
+
+
+Learner.lr_find = lr_find  # learn.lr_find(...): attached here, so the core knows nothing of the finder
 
 
 def _cpu_clone(x):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..learner import Callback
+from ..learner import Callback, Learner
 
 __all__ = ['MetricsCB', 'plot_metrics']
 
@@ -173,3 +173,6 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     return show_or_save(fig, path, 'metrics.png')
+
+
+Learner.plot_metrics = plot_metrics  # learn.plot_metrics(path)

@@ -4,9 +4,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+import torch
 from torch.optim import lr_scheduler
 
-from ..learner import Callback, _as_cbs
+from ..learner import Callback, Learner, _as_cbs
 
 __all__ = ['BatchSchedCB', 'EpochSchedCB']  # fit_one_cycle: use learn.fit_one_cycle
 
@@ -41,10 +42,12 @@ class _SchedCB(Callback):
         self.sched, self.lrs = sched, []
 
     def _step(self, learn) -> None:
-        self.lrs.append(learn.opt.param_groups[0]['lr'])
+        self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
 
     def cleanup_fit(self, learn):
+        if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
+            self.lrs = torch.stack([torch.as_tensor(v) for v in self.lrs]).double().tolist()
         if self._saved is None: return  # this fit's before_fit did not get this far: nothing to put back
         for g, saved in zip(learn.opt.param_groups, self._saved): g.update(saved)
         self._saved = None  # a later fit failing before its before_fit must not restore these stale values
@@ -53,6 +56,7 @@ class _SchedCB(Callback):
 class BatchSchedCB(_SchedCB):
     """Steps a torch LR scheduler after every optimiser step. A step skipped through CancelStepException (gradient
     accumulation, a mixed-precision overflow) does not advance it. `lrs`: the lr each step used."""
+    cuda_graph_host_after_step = True  # under CudaGraphCB it steps on the host between replays, writing a device lr
 
     def after_step(self, learn): self._step(learn)
 
@@ -89,6 +93,9 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max)
     return sched
+
+
+Learner.fit_one_cycle = fit_one_cycle  # learn.fit_one_cycle(...)
 
 
 def _one_cycle(opt, cycle_momentum: bool | None, **kwargs) -> lr_scheduler.OneCycleLR:
