@@ -90,9 +90,8 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
                  path: str | os.PathLike | None = None):
     """Loss against lr on a log axis, the suggestion marked; inline in a notebook, else saved to `path`
     (default lr_find.png). Returns the PNG's path, or None."""
-    from ..plotting import get_plt, show_or_save
-    plt = get_plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from ..plotting import show_or_save, subplots
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')

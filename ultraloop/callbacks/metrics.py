@@ -181,13 +181,12 @@ def _metrics_cb(learn) -> MetricsCB | None:
 def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     """Plot each metric of the last fit's `MetricsCB.history` against the epoch, train and eval phases as two lines:
     inline in a notebook, else saved to `path` (default `metrics.png`). Returns the PNG's path, or None."""
-    from ..plotting import get_plt, show_or_save
+    from ..plotting import show_or_save, subplots
     m = getattr(learn, 'metrics', None)
     if not isinstance(m, MetricsCB) or not m.history:
         raise ValueError('no metrics to plot: fit with a MetricsCB first, e.g. learn.fit(1, cbs=[MetricsCB()])')
     keys = [k for k in m.all_metrics if all(isinstance(r.get(k), (int, float)) for r in m.history)]
-    plt = get_plt()
-    fig, axs = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig, axs = subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):
         for phase in ('train', 'eval'):
             rows = [r for r in m.history if r['train'] == phase]

@@ -35,8 +35,8 @@ class ProgressCB(Callback):
             raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
         self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
         if plot:
-            from ..plotting import get_plt
-            get_plt()  # a missing matplotlib fails here, not after the first epoch
+            from ..plotting import _matplotlib
+            _matplotlib()  # a missing matplotlib fails here, not after the first epoch
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
         self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
@@ -106,20 +106,21 @@ class ProgressCB(Callback):
         if self.plot and not in_notebook(): self._draw(live=False)
 
     def _draw(self, live: bool) -> Path | None:
-        from ..plotting import get_plt, show_or_save
-        plt = get_plt()
-        fig = _loss_figure(plt, self.losses, self.rows)
+        from ..plotting import show_or_save
+        fig = _loss_figure(self.losses, self.rows)
         if not live: return show_or_save(fig, self.path, 'progress.png')
         from IPython.display import display
         if self._handle is None: self._handle = display(fig, display_id=True)
         else: self._handle.update(fig)
+        import matplotlib.pyplot as plt
         plt.close(fig)
         return None
 
 
-def _loss_figure(plt, samples: list[tuple[float, float]], history: list[dict]):
+def _loss_figure(samples: list[tuple[float, float]], history: list[dict]):
     """The train loss as sampled for the display, and each phase's mean loss at the end of its epoch."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from ..plotting import subplots
+    fig, ax = subplots(figsize=(6, 3.5))
     if samples: ax.plot(*zip(*samples), alpha=0.5, label='train (samples)')
     for ph in ('train', 'eval'):
         pts = [(r['epoch'] + 1, r['loss']) for r in history if r['train'] == ph]
