@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
 import sys
 import time
 import warnings
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
-                         'metrics table and save the loss plot in the run folder.')
+                         'metrics table and save the loss plot in the run folder. Started by torchrun (torchrun '
+                         '--nproc-per-node 2 -m ultraloop fit ...), the processes train together (DistributedCB).')
     _add_data_model_options(fit)
     fit.add_argument('--epochs', type=_int_at_least(1), default=5, help='epochs to fit (default: 5)')
     fit.add_argument('--lr', type=_float_above(0), default=None,
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f'{DEFAULT_LR["adamw"]} for adamw)')
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
+                     help='under torchrun, how the processes share the model: ddp (DistributedDataParallel) or fsdp '
+                          '(FSDP2 fully_shard); --bs is then per process (default: ddp; a single process ignores it)')
     fit.set_defaults(run=_fit)
 
     lrf = sub.add_parser('lr-find', help='run the LR finder and print its suggestion',
@@ -106,11 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _main_process() -> bool:
+    """False in every process torchrun started but the one of rank 0."""
+    return os.environ.get('RANK', '0') == '0'
+
+
 # ---- checks and set-up shared by the commands ------------------------------------------------------------------
 def _device(name: str, parser: argparse.ArgumentParser):
     import torch
 
     from .data import def_device
+    if name in ('auto', 'cuda') and torch.cuda.is_available() and 'LOCAL_RANK' in os.environ:
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))  # one GPU per process under torchrun
+        return torch.device('cuda', torch.cuda.current_device())
     if name == 'auto': return torch.device(def_device)
     if name == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device cuda: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto')
@@ -142,12 +157,13 @@ def _load(args):
 
 
 def _run_dir(out: Path | None, command: str) -> Path:
-    """The run folder: `out`, or runs/<command>-<date>-<time> (with -2, -3, ... when that exists)."""
+    """The run folder: `out`, or runs/<command>-<date>-<time> (with -2, -3, ... when that exists). Under torchrun only
+    the main process makes it (and writes in it)."""
     if out is None:
         base = Path('runs') / f'{command}-{time.strftime("%Y%m%d-%H%M%S")}'
         out, i = base, 1
         while out.exists(): i += 1; out = base.with_name(f'{base.name}-{i}')
-    out.mkdir(parents=True, exist_ok=True)
+    if _main_process(): out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -225,6 +241,8 @@ def _fit(args) -> int:
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
+    from .callbacks.distributed import DistributedCB, launched
+    if launched(): learn.add_cb(DistributedCB(args.strategy))  # torchrun started this process: train with the others
     learn.add_cbs(_metric_cbs())
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
@@ -251,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()):
+            return args.run(args)  # under torchrun only the main process prints
     except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these
         msg = ' '.join(str(e).split())  # one line, whatever the message held
         print(f'ultraloop: error: {msg}', file=sys.stderr)

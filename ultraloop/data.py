@@ -1,10 +1,13 @@
 """Data plumbing: DataLoaders (train + valid), a fast in-memory loader, and moving batches between devices."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+
+from .utils import is_int
 
 __all__ = ['DataLoaders', 'TensorLoader', 'to_device', 'to_cpu', 'def_device']
 
@@ -55,25 +58,104 @@ class TensorLoader:
         if seed is None: seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
         self.generator = torch.Generator().manual_seed(seed)
         self.order: torch.Tensor | None = None
+        self._shard: tuple[int, int, bool] | None = None  # (rank, world_size, even) of a shard() copy
 
     def __len__(self) -> int:
-        return self.n // self.bs if self.drop_last else (self.n + self.bs - 1) // self.bs
+        n = self.n if self._shard is None else self._shard_len()
+        return n // self.bs if self.drop_last else (n + self.bs - 1) // self.bs
 
     def __iter__(self):
         ts, bs = self.tensors, self.bs
         stop = len(self) * bs
-        if not self.shuffle:
-            self.order = None
+        self.order = torch.randperm(self.n, generator=self.generator).to(ts[0].device) if self.shuffle else None
+        idx = self.order if self._shard is None else self._shard_order(self.order, ts[0].device)
+        if idx is None:
             for i in range(0, stop, bs): yield [t[i:i + bs] for t in ts]  # views, no copy
             return
-        self.order = torch.randperm(self.n, generator=self.generator).to(ts[0].device)
         for i in range(0, stop, bs):
-            j = self.order[i:i + bs]
+            j = idx[i:i + bs]
             yield [t[j] for t in ts]
+
+    # ---- one process's share of each epoch, as DistributedSampler cuts it -----------------------------------------
+    def shard(self, rank: int, world_size: int, even: bool = True) -> TensorLoader:
+        """A copy of this loader yielding process `rank`'s share of each epoch, cut as `DistributedSampler` cuts it:
+        rank r takes positions r, r+N, ... of the epoch's order (the same permutation on every rank, as long as every
+        rank's generator holds the same state: DistributedCB gives them rank 0's). `bs` stays per process, so N shards
+        of bs b together see the single-process batches of bs N*b. With `even` (training) every rank gets ceil(n/N)
+        samples, the order's first samples repeated to fill the last positions, so all ranks take the same number of
+        equal steps; `n_counted` is how many of a rank's samples are not such repeats. Without it (validation), rank
+        r gets the positions r, r+N, ... below n: 101 samples on 2 ranks are 51 and 50. The copy shares the tensors
+        and the generator."""
+        if not (is_int(world_size) and world_size >= 1 and is_int(rank) and 0 <= rank < world_size):
+            raise ValueError(f'shard needs 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}')
+        c = copy.copy(self)
+        c._shard = (rank, world_size, bool(even))
+        return c
+
+    def _shard_len(self) -> int:
+        r, w, even = self._shard
+        return -(-self.n // w) if even else len(range(r, self.n, w))
+
+    @property
+    def n_counted(self) -> int | None:
+        """Samples of this process's share per epoch that are not repeats added to even out the shards (None: all count)."""
+        if self._shard is None: return None
+        r, w, _ = self._shard
+        real = len(range(r, self.n, w))
+        return real if real < self._shard_len() else None
+
+    def _shard_order(self, order: torch.Tensor | None, device) -> torch.Tensor:
+        r, w, even = self._shard
+        idx = order if order is not None else torch.arange(self.n, device=device)
+        total = -(-self.n // w) * w
+        if even and total > self.n: idx = idx.repeat(-(-total // self.n))[:total]  # as DistributedSampler pads
+        return idx[r::w]
 
     def state_dict(self) -> dict: return {'generator': self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None: self.generator.set_state(state['generator'])
+
+
+def shard(dl, rank: int, world_size: int, even: bool = True, seed: int = 0):
+    """Process `rank`'s share of the loader `dl` among `world_size` processes, cut as `DistributedSampler` cuts it:
+    rank r takes positions r, r+N, ... of each epoch's order. A TensorLoader gives its `shard` copy; a torch DataLoader
+    over a map-style dataset is rebuilt with a `DistributedSampler` (`even`: training, shuffled as the original was, by
+    `seed` and the epoch given to `set_epoch`) or with the positions r, r+N, ... in order (no repeats: validation); a
+    DataLoader that already has a DistributedSampler is its owner's choice and is returned as it is.
+    Anything else cannot be cut without knowing how it makes its batches: a one-line error says what to do."""
+    if isinstance(dl, TensorLoader): return dl.shard(rank, world_size, even)
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+    from torch.utils.data.distributed import DistributedSampler
+    hint = ('give each process its own share: a TensorLoader (DataLoaders.from_tensors), a DataLoader over a map-style '
+            'dataset, or a DataLoader with your own DistributedSampler')
+    if not isinstance(dl, DataLoader): raise TypeError(f'cannot shard a {type(dl).__name__} across processes; {hint}')
+    if isinstance(dl.sampler, DistributedSampler): return dl
+    if (not isinstance(dl.batch_sampler, BatchSampler) or type(dl.sampler) not in (RandomSampler, SequentialSampler)
+            or isinstance(dl.dataset, torch.utils.data.IterableDataset)):
+        raise TypeError(f'cannot shard this DataLoader across processes (its dataset, sampler or batch_sampler is its '
+                        f'own: {type(dl.dataset).__name__}, {type(dl.sampler).__name__}); {hint}')
+    n = len(dl.dataset)
+    sampler = (DistributedSampler(dl.dataset, world_size, rank, shuffle=isinstance(dl.sampler, RandomSampler), seed=seed)
+               if even else range(rank, n, world_size))
+    kw = dict(num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, drop_last=dl.drop_last,
+              timeout=dl.timeout, worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
+              generator=dl.generator, persistent_workers=dl.persistent_workers)
+    if dl.num_workers: kw['prefetch_factor'] = dl.prefetch_factor
+    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, **kw)
+
+
+def n_counted(dl) -> int | None:
+    """How many of this process's samples in an epoch of `dl` count in metrics: all but the repeats a sampler adds to
+    even out the shards (a DistributedSampler without drop_last, an even TensorLoader shard), which come last in the
+    process's epoch. None when every sample counts."""
+    n = getattr(dl, 'n_counted', None)  # a TensorLoader shard, also through wrappers that pass attributes on
+    if n is not None: return n
+    from torch.utils.data.distributed import DistributedSampler
+    s = getattr(dl, 'sampler', None)
+    if isinstance(s, DistributedSampler) and not s.drop_last:
+        real = len(range(s.rank, len(s.dataset), s.num_replicas))
+        return real if real < s.num_samples else None
+    return None
 
 
 class DataLoaders:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn, optim
 from torch.nn import functional as F
 
@@ -98,10 +100,15 @@ class Learner:
     Attributes callbacks may read (r) or write (w):
       model (rw), dls (r), loss_func (r), lr (r), opt (rw: created at fit start from opt_func), opt_func (r),
       cbs (r: change it with add_cb / rm_cb), n_epochs, epochs (r), epoch (r), training (r: model.training),
-      dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw).
+      dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw),
+      sync_grads (rw: whether this batch's backward must reduce gradients across processes; GradientAccumulationCB sets
+      it False before non-final micro-batches, DistributedCB reads it before the forward),
+      rank, world_size, is_main (r: this process in a torch.distributed process group; 0, 1, True outside one).
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`.
     """
+
+    sync_grads = True  # see above; a class default, so a fit without accumulation or processes never sets it
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
                  cbs=None, opt_func: Callable | None = optim.SGD):
@@ -158,6 +165,23 @@ class Learner:
         # only reached when normal lookup fails: turns a missing step method into an error that says what to do
         if name in STEP_METHODS: raise self._no_step(name)
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+
+    # ---- processes: read from torch.distributed each time, so they hold however and whenever the group was made --
+    @property
+    def rank(self) -> int:
+        """This process's rank: in the default process group, else as torchrun's environment gives it (between fits
+        under torchrun), else 0."""
+        return dist.get_rank() if _distributed() else _launch_env()[0]
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes: the default process group's size, else torchrun's WORLD_SIZE, else 1."""
+        return dist.get_world_size() if _distributed() else _launch_env()[1]
+
+    @property
+    def is_main(self) -> bool:
+        """True for the one process that prints, draws, logs and writes files: rank 0 (True in a single process)."""
+        return self.rank == 0
 
     # ---- the loop ----------------------------------------------------------------------------------------
     @property
@@ -318,6 +342,16 @@ class Learner:
         hooks = _installed_hooks(self.model) if isinstance(self.model, nn.Module) else {}
         if hooks: lines += ['hooks:', *(f'  {who} on {", ".join(where)}' for who, where in hooks.items())]
         return '\n'.join(lines)
+
+
+def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
+
+
+def _launch_env() -> tuple[int, int]:
+    """(rank, world size) as torchrun (or accelerate launch) sets them in the environment; (0, 1) elsewhere."""
+    env = os.environ
+    if 'RANK' in env and 'WORLD_SIZE' in env: return int(env['RANK']), int(env['WORLD_SIZE'])
+    return 0, 1
 
 
 def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:

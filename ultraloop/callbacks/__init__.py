@@ -5,6 +5,8 @@ from .core import *  # noqa: F401,F403
 from .core import __all__ as _core
 from .debug import *  # noqa: F401,F403
 from .debug import __all__ as _debug
+from .distributed import *  # noqa: F401,F403
+from .distributed import __all__ as _distributed
 from .hooks import *  # noqa: F401,F403
 from .hooks import __all__ as _hooks
 from .logs import *  # noqa: F401,F403
@@ -25,4 +27,4 @@ from .speed import *  # noqa: F401,F403
 from .speed import __all__ as _speed
 
 __all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs, *_speed,
-           *_accel]
+           *_accel, *_distributed]

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
+from ..data import to_device
 from .core import TrainCB
+from .distributed import Shards
 
 __all__ = ['AccelerateCB']
 
@@ -16,7 +20,14 @@ class AccelerateCB(TrainCB):
     step methods like TrainCB, so use it with a plain `Learner`. Each object is prepared once: later fits reuse them.
     The prepared loaders go to a copy of `learn.dls`, so the DataLoaders object the user passed keeps its own.
     On a machine without a GPU, accelerate runs 'fp16' in full precision; 'bf16' autocasts on the CPU too.
-    Accelerate keeps one state per process: every AccelerateCB in a process must use the same mixed_precision."""
+    Accelerate keeps one state per process: every AccelerateCB in a process must use the same mixed_precision.
+
+    Under `accelerate launch` (several processes) it works as DistributedCB does: the model is wrapped in DDP by
+    accelerate (`learn.model` is then that wrapper; `self.acc.unwrap_model(learn.model)` is yours), every rank starts
+    from rank 0's weights, and each phase's loader is cut into this process's share by ultraloop (not by accelerate), so
+    MetricsCB's numbers are exact over all processes: both phases get even shards (the DDP wrapper runs every forward,
+    and its first one in a phase may sync buffers), and the repeated samples are not counted. Batches are moved to
+    `self.acc.device`; `learn.sync_grads` reaches DDP before each forward (one all-reduce per accumulated step)."""
 
     def __init__(self, mixed_precision: str = 'fp16', **accelerator_kwargs):
         if mixed_precision not in _MODES:
@@ -27,10 +38,12 @@ class AccelerateCB(TrainCB):
         super().__init__()
         self.acc = Accelerator(mixed_precision=mixed_precision, **accelerator_kwargs)
         self._prepared: list = []  # what prepare() returned, so a second fit does not wrap it again
+        self._shards, self._several = None, False
 
     def before_fit(self, learn):
         dls = learn.dls
-        slots = [(learn, 'model'), (learn, 'opt'), (dls, 'train'), (dls, 'valid')]
+        self._several = self.acc.num_processes > 1
+        slots = [(learn, 'model'), (learn, 'opt')] + ([] if self._several else [(dls, 'train'), (dls, 'valid')])
         todo = [(o, nm) for o, nm in slots
                 if getattr(o, nm, None) is not None and not any(getattr(o, nm) is p for p in self._prepared)]
         if not todo: return
@@ -39,6 +52,20 @@ class AccelerateCB(TrainCB):
         for (o, nm), new in zip(todo, out if len(todo) > 1 else (out,)):
             setattr(learn.dls if o is dls else o, nm, new)
             self._prepared.append(new)
+
+    def before_epoch(self, learn):
+        if not self._several: return
+        if self._shards is None: self._shards = Shards(even_valid=True)
+        self._shards.before_epoch(learn)
+        self._move = self.acc.device.type != 'cpu'
+        self._ddp = isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
+
+    def before_batch(self, learn):
+        if not self._several: return
+        if self._move: learn.batch = to_device(learn.batch, self.acc.device, non_blocking=True)
+        if self._ddp and learn.training: learn.model.require_backward_grad_sync = learn.sync_grads
+
+    def cleanup_fit(self, learn): self._shards = None
 
     def backward(self, learn): self.acc.backward(learn.loss)
 

@@ -22,7 +22,7 @@ def _need_metrics(cb, learn) -> MetricsCB:
 class CSVLoggerCB(Callback):
     """Appends one row per epoch phase (MetricsCB's numbers: metrics, loss, epoch, train/eval) to the CSV file at
     `path`, flushed as it is written. A run that finds the file appends to it, header once; a file whose header
-    differs is refused before any batch runs."""
+    differs is refused before any batch runs. Under several processes only the main one writes."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
@@ -35,6 +35,7 @@ class CSVLoggerCB(Callback):
 
     def before_fit(self, learn):
         cols = _need_metrics(self, learn).columns
+        if not learn.is_main: return  # one writer: the main process
         old = self._header()
         if old is not None and old != cols:
             raise ValueError(f'{self.path} has the columns {old}, this run logs {cols}: pass another path to CSVLoggerCB')
@@ -48,6 +49,7 @@ class CSVLoggerCB(Callback):
         with open(self.path, newline='') as f: return next(csv.reader(f), None)
 
     def log_metrics(self, learn, row: dict) -> None:
+        if self._file is None: return  # not the main process
         self._writer.writerow(row)
         self._file.flush()
 
@@ -57,7 +59,8 @@ class CSVLoggerCB(Callback):
 
 class TensorBoardCB(Callback):
     """Writes each epoch phase's metrics and loss to TensorBoard in `log_dir`, as `<name>/train` and `<name>/eval`
-    scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package."""
+    scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package. Under several
+    processes only the main one writes."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, log_dir: str | os.PathLike = 'runs'):
@@ -68,9 +71,10 @@ class TensorBoardCB(Callback):
 
     def before_fit(self, learn):
         _need_metrics(self, learn)
-        self._writer = self._writer_cls(log_dir=str(self.log_dir))
+        if learn.is_main: self._writer = self._writer_cls(log_dir=str(self.log_dir))  # one writer: the main process
 
     def log_metrics(self, learn, row: dict) -> None:
+        if self._writer is None: return
         for k, v in row.items():
             if k not in ('epoch', 'train') and isinstance(v, (int, float)):
                 self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])

@@ -11,8 +11,10 @@ import warnings
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
+from .metrics import _several
 from .schedule import BatchSchedCB, EpochSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -23,7 +25,8 @@ class LRFinderCB(Callback):
     own loss); ends fit when the loss, smoothed by an exponential average (`beta`), exceeds `stop_div` times its
     minimum, or is NaN; ends each valid phase at its first batch. The seed compared raw losses, which mini-batch noise
     alone can trip long before the lr is too high; beta=0 does that. Reads the loss every batch, a host-device sync:
-    the price of deciding when to stop, paid only here."""
+    the price of deciding when to stop, paid only here. Under several processes the loss is averaged over them first
+    (one all-reduce per batch), so all stop at the same batch."""
 
     def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0, beta: float = 0.9):
         for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)):
@@ -41,7 +44,12 @@ class LRFinderCB(Callback):
     def after_batch(self, learn):
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
-        loss = float(learn.loss.detach())  # host sync (see the class doc)
+        loss = learn.loss.detach()
+        if _several():  # every process must see the same loss, or they would stop at different batches and hang
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        loss = float(loss)  # host sync (see the class doc)
         self.losses.append(loss)
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
         smooth = self._avg / (1 - self.beta ** len(self.losses))  # debiased: the average starts at 0
@@ -123,8 +131,11 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
         learn.fit(max_epochs, valid=False, cbs=[finder], lr=start_lr)
     finally:
         saved.restore()
-    suggestion = suggest_lr(finder.lrs, finder.losses)
-    if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
+    main = learn.is_main
+    with warnings.catch_warnings():
+        if not main: warnings.simplefilter('ignore')  # the main process says it once
+        suggestion = suggest_lr(finder.lrs, finder.losses)
+    if plot and main: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
     return suggestion
 
 

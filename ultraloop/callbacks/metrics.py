@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from copy import copy
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from ..data import n_counted
 from ..learner import Callback, Learner
+from ..utils import map_tensors
 
 __all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
 
@@ -31,6 +35,38 @@ class _WeightedMean:
     def compute(self) -> torch.Tensor:
         if self.total is None: return torch.tensor(float('nan'))
         return self.total / self.weight
+
+    def all_reduce(self, device) -> None:
+        """Sum the total and the weight over the processes (a collective: every rank calls it once per phase)."""
+        dtype = torch.float64 if self.total is None else self.total.dtype
+        t = torch.stack([torch.zeros((), dtype=dtype, device=device) if self.total is None else self.total.to(device),
+                         torch.tensor(float(self.weight), dtype=dtype, device=device)])
+        dist.all_reduce(t)
+        self.total, self.weight = (t[0], int(t[1].item())) if t[1] else (None, 0)
+
+
+def _sync_kind(m) -> str | None:
+    """How a metric's state is summed over processes: 'self' (torchmetrics: its compute() gathers its own state),
+    'torcheval' (its toolkit merges the ranks' states), or None (no known way)."""
+    tm = sys.modules.get('torchmetrics')
+    if tm is not None and isinstance(m, tm.Metric): return 'self'
+    te = sys.modules.get('torcheval.metrics')
+    if te is not None and isinstance(m, te.Metric): return 'torcheval'
+    return None
+
+
+def _reduced(m):
+    """`m.compute()` over every process's samples (a collective)."""
+    kind = _sync_kind(m)
+    if kind == 'self': return m.compute()  # reducing it again would count every sample world_size times
+    if kind == 'torcheval':
+        from torcheval.metrics.toolkit import sync_and_compute
+        return sync_and_compute(m)
+    raise ValueError(_NO_SYNC.format(type(m).__name__))
+
+
+_NO_SYNC = ('MetricsCB: the metric {} has no known way to sum its state over processes, so each process would report '
+            'only its own share: use a torchmetrics or torcheval metric (each sums its state across processes)')
 
 
 def _is_metric(m) -> bool: return all(callable(getattr(m, a, None)) for a in ('update', 'compute', 'reset'))
@@ -122,6 +158,10 @@ class MetricsCB(Callback):
     def before_fit(self, learn):
         learn.metrics = self
         self.history, self._device = [], None
+        if _several():
+            for m in self.metrics.values():
+                if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
+        self._main = learn.is_main  # only the main process prints
         ordered = sorted(learn.cbs, key=lambda cb: getattr(cb, 'order', 0))
         self._consumers = [cb.log_metrics for cb in ordered if cb is not self and callable(getattr(cb, 'log_metrics', None))]
         printers = [cb.print_metrics for cb in ordered if callable(getattr(cb, 'print_metrics', None))]
@@ -131,14 +171,28 @@ class MetricsCB(Callback):
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self._rows = _Rows(self.buffer_bytes)
+        self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
 
     def after_batch(self, learn):
         try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
         except (KeyError, IndexError):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
-        self.loss.update(learn.loss, len(y))
+        n = len(y)
+        if self._left is not None:
+            if n > self._left: return self._count_head(learn, y, self._left)
+            self._left -= n
+        self.loss.update(learn.loss, n)
         if self.metrics: self._add(learn.preds, y)
+
+    def _count_head(self, learn, y, k: int) -> None:
+        """Count only the batch's first `k` samples: the rest repeat samples a sampler added to even out the shards
+        (they come last in a process's epoch). The loss of those `k` is computed anew with `learn.loss_func`."""
+        self._left = 0
+        if not k: return
+        p = map_tensors(lambda t: t[:k].detach(), learn.preds)
+        with torch.no_grad(): self.loss.update(learn.loss_func(p, y[:k]), k)
+        if self.metrics: self._add(p, y[:k])
 
     def _add(self, p, y) -> None:
         if not (self.buffer_bytes and isinstance(p, torch.Tensor) and isinstance(y, torch.Tensor)):
@@ -161,17 +215,30 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
+        if _several():  # once per phase: the loss sum and count, and each metric's state, over every process
+            self.loss.all_reduce(_comm_device())
+            row = {k: _value(_reduced(m)) for k, m in self.metrics.items()}
+            row['loss'] = _value(self.loss.compute())
+        else: row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.training else 'eval'
         self.history.append(row)
         for f in self._consumers: f(learn, row)
-        self._print(learn, row)
+        if self._main: self._print(learn, row)
 
     @property
     def columns(self) -> list[str]:
         """The keys of each `history` row (and of each logged dict), in order."""
         return [*self.all_metrics, 'epoch', 'train']
+
+
+def _several() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where the loss is summed over processes: nccl needs a CUDA tensor, gloo takes a CPU one."""
+    if dist.get_backend() == 'nccl': return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
 
 
 def _metrics_cb(learn) -> MetricsCB | None:
@@ -180,11 +247,13 @@ def _metrics_cb(learn) -> MetricsCB | None:
 
 def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     """Plot each metric of the last fit's `MetricsCB.history` against the epoch, train and eval phases as two lines:
-    inline in a notebook, else saved to `path` (default `metrics.png`). Returns the PNG's path, or None."""
+    inline in a notebook, else saved to `path` (default `metrics.png`). Returns the PNG's path, or None (also in every
+    process but the main one, which alone draws)."""
     from ..plotting import show_or_save, subplots
     m = getattr(learn, 'metrics', None)
     if not isinstance(m, MetricsCB) or not m.history:
         raise ValueError('no metrics to plot: fit with a MetricsCB first, e.g. learn.fit(1, cbs=[MetricsCB()])')
+    if not learn.is_main: return None  # one process draws
     keys = [k for k in m.all_metrics if all(isinstance(r.get(k), (int, float)) for r in m.history)]
     fig, axs = subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):

@@ -51,6 +51,8 @@ class GradientAccumulationCB(Callback):
     For a loader without a length the pending window steps in after_epoch through `learn.apply_step()` (the train
     step's tail: after_backward, step, after_step, zero_grad), then cleanup_batch (not after_batch: metrics already saw
     every micro-batch).
+    Under several processes (DistributedCB), non-final micro-batches skip the gradient all-reduce (`learn.sync_grads`
+    is set False in before_batch, before the forward): one all-reduce per optimiser step.
     Gradients never cross epochs: a window left open by a cancelled epoch or fit is dropped. `bs_func(batch)` counts
     a batch's samples (default: `batch_size`, the len of its first element); return token counts for a loss averaged
     over tokens. Optimiser steps per epoch: ceil(batches / n).
@@ -75,6 +77,12 @@ class GradientAccumulationCB(Callback):
         try: self._last = len(learn.dl) - 1
         except TypeError: self._last = None
 
+    def before_batch(self, learn):
+        # decided before the forward, where DDP prepares its gradient reduction: only a window's last micro-batch
+        # reduces across processes (for a loader without a length the last window is known only after the epoch:
+        # DistributedCB then reduces its gradient before the step)
+        if learn.training: learn.sync_grads = self.count + 1 >= self.n or learn.iter == self._last
+
     def after_loss(self, learn):
         if not learn.training: return
         bs = self.bs_func(learn.batch)
@@ -86,7 +94,6 @@ class GradientAccumulationCB(Callback):
         if not self._flushing:
             self.count += 1
             self.samples += self._bs
-            # DDP: non-final micro-batches are where gradient all-reduce can be skipped (model.no_sync())
             if self.count < self.n and learn.iter != self._last: raise CancelStepException()
         self._close_window()
 
@@ -100,7 +107,9 @@ class GradientAccumulationCB(Callback):
             self._flushing = False
             learn.callback('cleanup_batch')  # per-step bookkeeping lives there too (MixedPrecisionCB's scaler update)
 
-    def cleanup_fit(self, learn): self._drop_window()
+    def cleanup_fit(self, learn):
+        self._drop_window()
+        learn.sync_grads = True
 
     def _open_window(self, bs: int) -> None:
         self._ref = bs

@@ -27,7 +27,7 @@ class ProgressCB(Callback):
     table printed as each phase completes (in place of its dicts). The loss shown is a host copy started `refresh`
     seconds earlier (non_blocking): at most one read per `refresh` seconds, none that waits for the device.
     `plot=True` draws the train loss samples and each phase's mean loss: live in a notebook, saved to `path`
-    (default `progress.png`) after fit elsewhere."""
+    (default `progress.png`) after fit elsewhere. Under several processes only the main one shows and draws."""
     order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
 
     def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
@@ -46,8 +46,10 @@ class ProgressCB(Callback):
         self.rows: list[dict] = []  # MetricsCB's rows of this fit, as handed to log_metrics
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
         self._started = True
+        self._on = learn.is_main  # the other processes show nothing
 
     def before_epoch(self, learn):
+        if not self._on: return
         if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
         self._mbar.update(learn.epoch - self._mbar.n)
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
@@ -55,6 +57,7 @@ class ProgressCB(Callback):
         self._t0, self._next, self._n, self._pending = _clock(), 0.0, n, False  # a copy from the last phase is stale
 
     def after_batch(self, learn):
+        if not self._on: return
         self._bar.update()
         if (t := _clock()) >= self._next:
             self._next = t + self.refresh
@@ -93,7 +96,7 @@ class ProgressCB(Callback):
 
     def cleanup_epoch(self, learn):
         self._close_bar()
-        if self.plot and in_notebook(): self._draw(live=True)
+        if self.plot and self._on and in_notebook(): self._draw(live=True)
 
     def after_fit(self, learn):
         if self._mbar is not None: self._mbar.update(learn.n_epochs - self._mbar.n)
@@ -103,7 +106,7 @@ class ProgressCB(Callback):
         self._started = False
         self._close_bar()
         if self._mbar is not None: self._mbar.close()
-        if self.plot and not in_notebook(): self._draw(live=False)
+        if self.plot and self._on and not in_notebook(): self._draw(live=False)
 
     def _draw(self, live: bool) -> Path | None:
         from ..plotting import show_or_save

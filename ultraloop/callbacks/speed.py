@@ -97,8 +97,9 @@ class CudaGraphCB(Callback):
         self.graph, self.replays, self._warm, self._lr_tensors = None, 0, 0, False
         self._eager = type(learn).train_step  # the one train step: what eager batches run and what the graph records
         self.reason = _graph_blocker(learn, self)
+        self._main = learn.is_main  # one process says why it trains eagerly
         if self.reason:
-            print(f'CudaGraphCB: {self.reason}; training eagerly')
+            if self._main: print(f'CudaGraphCB: {self.reason}; training eagerly')
             return
         self._stream = torch.cuda.Stream()
         self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
@@ -161,7 +162,7 @@ class CudaGraphCB(Callback):
 
     def _give_up(self, reason: str) -> bool:
         self.reason, self.graph = reason, None
-        print(f'CudaGraphCB: {reason}; training eagerly from here')
+        if self._main: print(f'CudaGraphCB: {reason}; training eagerly from here')
         return False
 
 
