@@ -86,7 +86,6 @@ class CudaGraphCB(Callback):
     capture only), the batch is not a list of tensors, or capture fails (a host sync such as `.item()` in the step).
     """
     order = 1_000  # before_batch last: the batch is on the device and in its memory format
-    reuses_outputs = True  # learn.preds and learn.loss are the graph's buffers, overwritten by the next replay
 
     def __init__(self, warmup: int = 3):
         self.warmup = check_int('CudaGraphCB: warmup (eager train batches before capture)', warmup, 1)
