@@ -14,7 +14,11 @@ import torch
 import torch.distributed as dist
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
+<<<<<<< HEAD
 from .metrics import _several
+=======
+from ..utils import check_int, check_number
+>>>>>>> main
 from .schedule import BatchSchedCB, EpochSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -29,11 +33,8 @@ class LRFinderCB(Callback):
     (one all-reduce per batch), so all stop at the same batch."""
 
     def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0, beta: float = 0.9):
-        for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
-                raise ValueError(f'LRFinderCB: {nm} must be a number > 1, got {v!r}')
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f'LRFinderCB: beta (loss smoothing) must be a number in [0, 1), got {beta!r}')
+        for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)): check_number(f'LRFinderCB: {nm}', v, gt=1, finite=True)
+        check_number('LRFinderCB: beta (loss smoothing)', beta, ge=0, lt=1)
         self.lr_mult, self.stop_div, self.beta = lr_mult, stop_div, beta
 
     def before_fit(self, learn):
@@ -117,10 +118,8 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
     Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
     (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
     fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
-    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not start_lr > 0:
-        raise ValueError(f'lr_find: start_lr must be a number > 0, got {start_lr!r}')
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
+    check_number('lr_find: start_lr', start_lr, gt=0, finite=True)
+    check_int('lr_find: max_epochs', max_epochs, 1)
     if not isinstance(learn.model, torch.nn.Module):
         raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
     finder = LRFinderCB(lr_mult)
