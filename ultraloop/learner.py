@@ -103,7 +103,7 @@ class Learner:
       dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw),
       sync_grads (rw: whether this batch's backward must reduce gradients across processes; GradientAccumulationCB sets
       it False before non-final micro-batches, DistributedCB reads it before the forward),
-      rank, world_size, is_main (r: this process in a torch.distributed process group; 0, 1, True outside one).
+      rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True).
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`.
     """

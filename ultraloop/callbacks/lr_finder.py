@@ -14,11 +14,8 @@ import torch
 import torch.distributed as dist
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
-<<<<<<< HEAD
-from .metrics import _several
-=======
 from ..utils import check_int, check_number
->>>>>>> main
+from .metrics import _several
 from .schedule import BatchSchedCB, EpochSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find

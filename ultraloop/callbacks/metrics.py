@@ -221,12 +221,8 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.training else 'eval'
         self.history.append(row)
-        self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
+        if self._main: self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
-<<<<<<< HEAD
-        if self._main: self._print(learn, row)
-=======
->>>>>>> main
 
     @property
     def columns(self) -> list[str]:
