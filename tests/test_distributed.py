@@ -38,6 +38,7 @@ def free_port() -> int:
 def env(tmp: Path) -> dict:
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(CHILD.parent)]), MASTER_ADDR='127.0.0.1',
              OMP_NUM_THREADS='1', HF_HOME=str(tmp / 'hf'), MPLBACKEND='Agg')
+    if sys.platform == 'linux': e.setdefault('GLOO_SOCKET_IFNAME', 'lo')  # gloo's own connections on loopback too
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT'): e.pop(k, None)
     return e
 
@@ -282,3 +283,45 @@ def test_distributed_cb_checks_its_arguments_and_does_nothing_in_one_process(mon
     learn = child.learner(32, cbs=[DistributedCB()])
     with child.captured(): learn.fit(1)
     assert not dist.is_initialized() and learn.dls.train._shard is None and 'forward' not in vars(learn.model)
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A process group of one (gloo on loopback, an in-memory store): DistributedCB's set-up runs in this process."""
+    if not dist.is_available() or not dist.is_gloo_available(): pytest.skip('torch.distributed with gloo is not available')
+    if sys.platform == 'linux': monkeypatch.setenv('GLOO_SOCKET_IFNAME', 'lo')
+    dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class PhaseModes(child.Callback):
+    """What DistributedCB's wrapper and the user's module look like in each phase."""
+    order = 100
+
+    def __init__(self, dcb): self.dcb, self.seen = dcb, []
+
+    def after_batch(self, learn):
+        if learn.iter == 0:
+            self.seen.append((learn.training, self.dcb.wrapper.training, type(self.dcb.wrapper).__name__,
+                              vars(learn.model).get('forward') == self.dcb._call_wrapper))  # routed to the wrapper
+
+
+def test_ddp_keeps_the_users_module_routes_training_forwards_through_the_wrapper_and_composes_with_compile(
+        one_process_group):
+    from ultraloop import CompileCB
+    dcb = DistributedCB()
+    modes = PhaseModes(dcb)
+    learn = child.learner(32, cbs=[dcb, CompileCB(backend='eager'), modes])
+    model = learn.model
+    with child.captured(): learn.fit(1)
+    plain = child.learner(32)
+    with child.captured(): plain.fit(1)
+    assert learn.model is model and type(model) is torch.nn.Sequential
+    # the wrapper's mode follows the phase; training forwards go through it, validation runs the module plainly
+    assert modes.seen == [(True, True, 'DistributedDataParallel', True), (False, False, 'DistributedDataParallel', False)]
+    assert 'forward' not in vars(model) and dcb.wrapper is None  # CompileCB's compiled forward and the route are gone
+    assert list(model.state_dict()) == list(plain.model.state_dict())
+    same_params(child.flat_params(model), child.flat_params(plain.model), 1e-12)
+    same_rows(learn.metrics.history, plain.metrics.history)
+    assert dist.is_initialized()  # a group DistributedCB found is not its to destroy
