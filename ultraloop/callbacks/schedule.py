@@ -17,7 +17,8 @@ _CYCLED = ('momentum', 'betas')
 
 class _SchedCB(Callback):
     """Creates `sched_func(learn.opt)` at fit start and records in `lrs` the learning rate (first parameter group)
-    each scheduler step followed. Each fit starts a new schedule from that fit's lr."""
+    each scheduler step followed. Each fit starts a new schedule from that fit's lr; `state_dict()` holds the
+    scheduler's own state, so a resumed fit goes on with the schedule where it was instead of starting it again."""
 
     def __init__(self, sched_func: Callable):
         if not callable(sched_func):
@@ -44,6 +45,18 @@ class _SchedCB(Callback):
     def _step(self, learn) -> None:
         self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {'sched': None if self.sched is None else self.sched.state_dict(), 'lrs': list(self.lrs),
+                'saved': self._saved}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state['sched'] is not None:
+            if self.sched is None:
+                raise ValueError(f'{self.name}: a schedule state loads into a fit in progress; pass it to '
+                                 f'learn.fit(resume=...), which loads it once the scheduler exists')
+            self.sched.load_state_dict(state['sched'])
+        self.lrs, self._saved = list(state['lrs']), state['saved']
 
     def cleanup_fit(self, learn):
         if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
@@ -79,11 +92,12 @@ def _steps_per_epoch(learn, cbs) -> int:
     return n
 
 
-def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum: bool | None = None,
+def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum: bool | None = None, resume=None,
                   **sched_kwargs) -> BatchSchedCB:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
-    (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...). Returns the schedule callback."""
+    (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...); `resume` to `learn.fit` (the schedule
+    goes on from its saved state). Returns the schedule callback."""
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
         raise ValueError(f'fit_one_cycle: n_epochs must be an int >= 1, got {n_epochs!r}')
     if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not lr_max > 0:
@@ -91,7 +105,7 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     cbs = _as_cbs(cbs)
     total = n_epochs * _steps_per_epoch(learn, cbs)
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
-    learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max)
+    learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max, resume=resume)
     return sched
 
 
