@@ -187,6 +187,7 @@ class Learner:
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
             self._resume = None if resume is None else state.Resume(self, resume, n_epochs)  # read and checked first
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
+            self._loaded_position = None
             self._prepare_opt(self.lr if lr is None else lr)
             with _DeferredInterrupt(self):
                 self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)

@@ -146,7 +146,10 @@ def epoch_ends(learn) -> bool:
 
 def position(learn) -> dict:
     """Where a run resumed from a state captured now goes on. Inside a phase (at a batch's end): its next batch. Between
-    phases: the next phase, batch 0, so a state captured at an epoch's end is at (epoch + 1, 'train', 0)."""
+    phases: the next phase, batch 0, so a state captured at an epoch's end is at (epoch + 1, 'train', 0). Outside a fit,
+    after `load_state_dict`: the loaded state's."""
+    loaded = getattr(learn, '_loaded_position', None)
+    if loaded is not None: return loaded
     if getattr(learn, '_in_phase', False):
         return {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'batch': learn.iter + 1,
                 'in_phase': True, 'phase_start': learn._phase_rng}
@@ -221,6 +224,7 @@ def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None
     load_callbacks(learn, sd)
     load_loaders(learn, sd)
     set_rng_state(sd['rng'])
+    learn._loaded_position = sd['position']  # until the next fit, state_dict() says where the loaded run was
 
 
 class Resume:
@@ -268,7 +272,10 @@ class Resume:
         k, start, rng = self.pos['batch'], self.pos['phase_start'], self.sd['rng']
         learn._phase_rng = start
         set_rng_state(rng)
-        if start is None: return k, batches  # the loader went back to its batch k itself (load_state_dict)
+        if start is None:  # the loader went back to its batch k itself (load_state_dict)
+            it = iter(batches)  # a StatefulDataLoader draws a base seed here, which the run did at the epoch's start
+            torch.set_rng_state(rng['torch'])
+            return k, it
         from torch.utils.data import DataLoader
         # iterating draws from these as it did at the epoch's start (a DataLoader's base seed, for its workers)
         torch.set_rng_state(start['torch'])
@@ -323,7 +330,7 @@ def load_file(path: str | os.PathLike) -> dict:
             raise ValueError(f'{path} holds pickled Python objects, not just tensors and plain values; it was not loaded, '
                              f'since unpickling them could run code (ultraloop checkpoints hold none)') from None
         raise ValueError(f'{path} is truncated or corrupt ({_first_line(e)}): not a complete checkpoint') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:  # torch says OSError for a cut zip
         raise ValueError(f'{path} is truncated or corrupt ({_first_line(e)}): not a complete checkpoint') from None
     check_format(sd, str(path))
     return sd
