@@ -2,10 +2,12 @@
 CheckpointCB and EarlyStoppingCB, ctrl-C deferred to the batch's end, and lr_find and summary leaving it all as it was."""
 import os
 import pickle
+import random
 import signal
 import threading
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_same
@@ -45,6 +47,12 @@ class SnapAt(Callback):
                 raise KeyboardInterrupt  # stands for a kill: nothing after this batch runs
 
 
+class Jitter(Callback):
+    """Augmentation drawing from Python's and numpy's RNGs, which a resume must put back too."""
+    def before_batch(self, learn):
+        if learn.training: learn.batch[0] = learn.batch[0] + 0.01 * (random.random() + np.random.rand())
+
+
 def data(n=40):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n + 16, 8, generator=g)
@@ -53,7 +61,7 @@ def data(n=40):
 
 
 def make(dls=None, cbs=(), ckdir=None, every=None, **kw):
-    torch.manual_seed(0)
+    torch.manual_seed(0); random.seed(0); np.random.seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 2))
     cbs = [Quiet(acc=MulticlassAccuracy(num_classes=2)), *cbs]
     if ckdir is not None: cbs.append(CheckpointCB(ckdir, every_batches=every, **kw))
@@ -128,7 +136,9 @@ def test_stateful_dataloader_resumes_through_its_own_state():
 def test_resume_from_a_state_inside_an_accumulation_window_with_a_schedule_and_bf16():
     from torch.optim.lr_scheduler import OneCycleLR
 
-    def cbs(): return [GradientAccumulationCB(3), MixedPrecisionCB(), BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=6))]
+    def cbs():
+        return [GradientAccumulationCB(3), MixedPrecisionCB(), BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=6)),
+                Jitter()]
     ref = make(cbs=cbs())
     ref.fit(2)
     learn = make(cbs=[*cbs(), snap := SnapAt(8)])  # epoch 1, after its first micro-batch of a window
