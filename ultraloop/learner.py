@@ -173,13 +173,14 @@ class Learner:
         finally:
             if cbs: self.rm_cbs(cbs)
 
-    def lr_find(self, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
-                plot_path=None) -> float | None:
-        """Train with an lr growing by `lr_mult` per batch until the smoothed loss exceeds 3x its minimum; plot it
-        against lr (inline in a notebook, else a PNG at `plot_path`, default lr_find.png); return a suggested lr or None.
-        Afterwards weights, optimiser, callbacks and RNGs are as before (see `ultraloop.callbacks.lr_finder.lr_find`)."""
+    def lr_find(self, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10, *,
+                plot: bool = True, plot_path=None, lr_mult: float | None = None) -> float | None:
+        """Train from `start_lr` with an lr growing by `gamma` (alias `lr_mult`) per batch until the smoothed loss
+        exceeds `max_mult` times its minimum; plot it against lr (inline in a notebook, else a PNG at `plot_path`,
+        default lr_find.png); return a suggested lr or None. Afterwards weights, optimiser, callbacks and RNGs are as
+        before (see `ultraloop.callbacks.lr_finder.lr_find`)."""
         from .callbacks.lr_finder import lr_find
-        return lr_find(self, start_lr, lr_mult, max_epochs, plot, plot_path)
+        return lr_find(self, gamma, max_mult, start_lr, max_epochs, plot=plot, plot_path=plot_path, lr_mult=lr_mult)
 
     def fit_one_cycle(self, n_epochs: int, lr_max: float, cbs=None, **sched_kwargs):
         """`fit` with torch's OneCycleLR up to `lr_max`, cycling momentum or Adam's beta1; `sched_kwargs` go to
@@ -210,7 +211,7 @@ class Learner:
             self.predict()
             for f in h['after_predict']: f(self)
             self.get_loss()
-            if self.iter == 0: self._check_loss()
+            if self.iter == 0 and self.training: self._check_loss()  # only backward needs a scalar: eval may return any
             loss = self.loss
             for f in h['after_loss']: f(self)
             if self.training:
@@ -358,9 +359,15 @@ class _BoundStep:
 
 
 class TrainLearner(Learner):
-    """A Learner with the plain supervised step: batch is (x, y, ...)."""
-    def predict(self): self.preds = self.model(self.batch[0])
-    def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
+    """A Learner with the plain supervised step: the first `n_inp` batch elements (class attribute, 1 by default; set
+    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`."""
+    n_inp = 1
+
+    def predict(self):
+        b = self.batch
+        self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
+
+    def get_loss(self): self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()

@@ -141,7 +141,7 @@ class MetricsCB(Callback):
         self._flush()
         row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
         row['epoch'] = learn.epoch
-        row['train'] = 'train' if learn.training else 'eval'
+        row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
         self._log({k: _fmt(v) if k in self.all_metrics else v for k, v in row.items()})
 
