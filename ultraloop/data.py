@@ -141,9 +141,9 @@ class DataLoaders:
 
     @classmethod
     def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> DataLoaders:
-        """The course's loaders from a dict of two datasets of dicts, 'train' and the valid one (a Hugging Face `DatasetDict` such as
-        `dsd.with_transform(f)`): `get_dls` over them with `collate_dict(dd['train'], as_tuple)`, so batches are
-        tuples of the columns (x, y); `kwargs` (num_workers, ...) go to both DataLoaders."""
+        """The course's loaders from a dict of two datasets of dicts, 'train' and the valid one (a Hugging Face
+        `DatasetDict` such as `dsd.with_transform(f)`): `get_dls` over them with `collate_dict(dd['train'], as_tuple)`,
+        so batches are tuples of the columns (x, y); `kwargs` (num_workers, ...) go to both DataLoaders."""
         if not isinstance(dd, Mapping) or 'train' not in dd:
             raise TypeError(f"from_dd needs a dict of datasets with a 'train' split (a DatasetDict), got "
                             f'{type(dd).__name__}' + (f' with splits {list(dd)}' if isinstance(dd, Mapping) else ''))
