@@ -50,7 +50,7 @@ def test_console_script_is_installed_and_answers():
     exe = Path(sys.executable).with_name('ultraloop')  # what `pip install` makes of the entry point; demo.sh runs it
     if not exe.exists(): pytest.skip('ultraloop is not installed in this environment (pip install -e .)')
     r = subprocess.run([str(exe), '--help'], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.startswith('usage: ultraloop [-h] COMMAND ...')
+    assert r.returncode == 0 and r.stdout.startswith('usage: ultraloop [-h] [--debug] COMMAND ...')
     assert re.search(r'^    demo ', r.stdout, re.M) and re.search(r'^    lr-find ', r.stdout, re.M)
 
 
@@ -112,7 +112,7 @@ def test_subprocess_bad_arguments_and_missing_files_one_line_no_traceback(tmp_pa
     last = r.stderr.splitlines()
     assert len(last) == 1 and 'Traceback' not in r.stderr
     assert re.fullmatch(r'ultraloop: error: FashionMNIST files not found: train-images-idx3-ubyte\.gz, .*'
-                        r'put the four IDX files .* in .*/FashionMNIST/raw/', last[0])
+                        r'put the four IDX files .* in .*/FashionMNIST/raw/ \(run with --debug for the traceback\)', last[0])
 
 
 def test_demo_end_to_end(tmp_path):
@@ -161,3 +161,18 @@ def test_fit_is_reproducible_from_its_seed_and_names_its_run_folder(tmp_path, mo
     (a, fa), (b, fb), (c, _) = fit(3), fit(3), fit(4)
     assert re.fullmatch(r'runs/fit-\d{8}-\d{6}(-\d+)?', fa) and fa != fb
     assert a == b and a != c
+
+
+def test_user_errors_are_one_line_and_library_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path, keep_threads):
+    from ultraloop import cli
+
+    def bad_value(args): raise ValueError('--bs 3 is too\nsmall: pass 4')
+    monkeypatch.setattr(cli, '_load', bad_value)
+    args = ['fit', '--model', 'mlp', '--epochs', '1', '--out', tmp_path / 'run']
+    assert main(list(map(str, args))) == 2
+    assert capsys.readouterr().err == 'ultraloop: error: --bs 3 is too small: pass 4 (run with --debug for the traceback)\n'
+    with pytest.raises(ValueError, match='too'): main([*map(str, args), '--debug'])
+
+    def bug(args): return {}['missing']  # a mistake inside the library, not the user's
+    monkeypatch.setattr(cli, '_load', bug)
+    with pytest.raises(KeyError, match='missing'): main(list(map(str, args)))

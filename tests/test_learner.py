@@ -320,8 +320,8 @@ def test_dls_without_train_valid():
         DataLoaders([1])
 
 
-@pytest.mark.parametrize('n, exc, msg', [(-1, ValueError, 'n_epochs must be >= 0, got -1'),
-                                         (1.5, TypeError, 'n_epochs must be an int, got float')])
+@pytest.mark.parametrize('n, exc, msg', [(-1, ValueError, 'n_epochs must be an int >= 0, got -1'),
+                                         (1.5, ValueError, 'n_epochs must be an int >= 0, got 1.5')])
 def test_bad_n_epochs(n, exc, msg):
     learn = TrainLearner(toy_model(), dls(), F.cross_entropy)
     with pytest.raises(exc, match=msg):
@@ -330,7 +330,7 @@ def test_bad_n_epochs(n, exc, msg):
 
 def test_bad_lr_and_model():
     learn = TrainLearner(toy_model(), dls(), F.cross_entropy)
-    with pytest.raises(ValueError, match='lr must be a number >= 0'):
+    with pytest.raises(ValueError, match='lr must be a finite number >= 0'):
         learn.fit(1, lr=-1)
     with pytest.raises(TypeError, match='model must be a torch.nn.Module'):
         TrainLearner(lambda x: x, dls(), F.cross_entropy).fit(1)

@@ -51,7 +51,7 @@ def defaults(f) -> dict:
     (Learner.show_image_batch, {'learn': 'POSITIONAL_OR_KEYWORD', 'max_n': 9, 'cbs': None}),
     (HooksCallback, {'hookfunc': 'POSITIONAL_OR_KEYWORD', 'mod_filter': None, 'on_train': True, 'on_valid': False,
                      'mods': None}),
-    (Learner.lr_find, {'self': 'POSITIONAL_OR_KEYWORD', 'gamma': 1.3, 'max_mult': 3, 'start_lr': 1e-5, 'max_epochs': 10}),
+    (Learner.lr_find, {'learn': 'POSITIONAL_OR_KEYWORD', 'gamma': 1.3, 'max_mult': 3, 'start_lr': 1e-5, 'max_epochs': 10}),
     (LRFinderCB, {'gamma': 1.3, 'max_mult': 3}),
     (RecorderCB, {'d': 'VAR_KEYWORD'}),
     (HasLearnCB, {}),

@@ -155,7 +155,6 @@ class FakeGraphs:
 
     @contextlib.contextmanager
     def graph(self, g, stream=None):
-        from ultraloop.callbacks import speed
         learn, m, opt = self.learn, self.learn.model, self.learn.opt
         saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()),
                  [None if p.grad is None else p.grad.clone() for p in m.parameters()])
@@ -171,7 +170,7 @@ class FakeGraphs:
         def replay():
             real = learn.batch
             learn.batch = static
-            speed._train_step(learn)
+            type(learn).train_step(learn)  # what CudaGraphCB captured: the Learner's own train step
             with torch.no_grad(): preds.copy_(learn.preds); loss.copy_(learn.loss)
             learn.batch = real
         g.replay = replay

@@ -13,6 +13,7 @@ from torch import nn
 
 from .callbacks.hooks import Hooks, _is_leaf
 from .data import to_device
+from .learner import Learner
 
 __all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
 
@@ -186,3 +187,6 @@ def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None)
         with Hooks(mods, record), torch.no_grad(): model(x)
     params = list(model.parameters())  # each shared (tied) parameter once
     return ModelSummary(rows, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), bs, device)
+
+
+Learner.summary = model_summary  # learn.summary(batch=None, input_shape=None)

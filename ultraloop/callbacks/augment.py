@@ -108,12 +108,12 @@ def show_image_batch(learn: Learner, max_n: int = 9, cbs=None, nrows: int | None
 
 
 def _show_images(ims, nrows, ncols, imsize, figsize, titles, path) -> Path | None:
-    from ..plotting import get_plt, show_or_save
+    from ..plotting import show_or_save, subplots
     n = len(ims)
     if nrows is None and ncols is None: nrows = max(1, int(math.sqrt(n)))
     if nrows is None: nrows = math.ceil(n / ncols)
     if ncols is None: ncols = math.ceil(n / nrows)
-    fig, axs = get_plt().subplots(nrows, ncols, figsize=figsize or (ncols * imsize, nrows * imsize), squeeze=False)
+    fig, axs = subplots(nrows, ncols, figsize=figsize or (ncols * imsize, nrows * imsize), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.set_axis_off()
         if i >= n: continue

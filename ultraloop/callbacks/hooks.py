@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data import to_cpu
 from ..learner import Callback
-from ..plotting import get_plt, show_or_save
+from ..plotting import show_or_save, subplots
 
 __all__ = ['Hook', 'Hooks', 'HooksCallback', 'ActivationStatsCB', 'ActivationStats', 'append_stats', 'get_hist',
            'get_min']
@@ -206,7 +206,7 @@ class ActivationStatsCB(HooksCallback):
     def plot_stats(self, figsize=(10, 4), path: str | os.PathLike | None = None) -> Path | None:
         """Each layer's activation mean and standard deviation over batches."""
         hooks = self._hooks_with_stats()
-        fig, axes = get_plt().subplots(1, 2, figsize=figsize)
+        fig, axes = subplots(1, 2, figsize=figsize)
         for h in hooks:
             axes[0].plot(h.means.numpy(), label=h.name)
             axes[1].plot(h.stds.numpy(), label=h.name)
@@ -263,7 +263,7 @@ def _per_layer_figure(hooks: list[Hook], figsize, draw: Callable):
     """A grid with one panel per hooked layer, titled with its name and type; `draw(ax, hook)` fills each."""
     n = len(hooks)
     rows = max(1, int(math.sqrt(n)))
-    fig, axes = get_plt().subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
+    fig, axes = subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
     for ax in axes.flat[n:]: ax.set_axis_off()
     for ax, h in zip(axes.flat, hooks):
         draw(ax, h)

@@ -23,7 +23,7 @@ class CSVLoggerCB(Callback):
     """Appends one row per epoch phase (MetricsCB's numbers: metrics, loss, epoch, train/eval) to the CSV file at
     `path`, flushed as it is written. A run that finds the file appends to it, header once; a file whose header
     differs is refused before any batch runs."""
-    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+    order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
@@ -34,8 +34,7 @@ class CSVLoggerCB(Callback):
         self._file = None
 
     def before_fit(self, learn):
-        self._metrics = _need_metrics(self, learn)
-        cols = self._metrics.columns
+        cols = _need_metrics(self, learn).columns
         old = self._header()
         if old is not None and old != cols:
             raise ValueError(f'{self.path} has the columns {old}, this run logs {cols}: pass another path to CSVLoggerCB')
@@ -48,8 +47,8 @@ class CSVLoggerCB(Callback):
         if not self.path.exists() or self.path.stat().st_size == 0: return None
         with open(self.path, newline='') as f: return next(csv.reader(f), None)
 
-    def after_epoch(self, learn):
-        self._writer.writerow(self._metrics.history[-1])
+    def log_metrics(self, learn, row: dict) -> None:
+        self._writer.writerow(row)
         self._file.flush()
 
     def cleanup_fit(self, learn):
@@ -59,7 +58,7 @@ class CSVLoggerCB(Callback):
 class TensorBoardCB(Callback):
     """Writes each epoch phase's metrics and loss to TensorBoard in `log_dir`, as `<name>/train` and `<name>/eval`
     scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package."""
-    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+    order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, log_dir: str | os.PathLike = 'runs'):
         try: from torch.utils.tensorboard import SummaryWriter
@@ -68,14 +67,13 @@ class TensorBoardCB(Callback):
         self._writer_cls, self.log_dir, self._writer = SummaryWriter, Path(log_dir), None
 
     def before_fit(self, learn):
-        self._metrics = _need_metrics(self, learn)
+        _need_metrics(self, learn)
         self._writer = self._writer_cls(log_dir=str(self.log_dir))
 
-    def after_epoch(self, learn):
-        row = self._metrics.history[-1]
-        for k in self._metrics.all_metrics:
-            v = row[k]
-            if isinstance(v, (int, float)): self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
+    def log_metrics(self, learn, row: dict) -> None:
+        for k, v in row.items():
+            if k not in ('epoch', 'train') and isinstance(v, (int, float)):
+                self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
         self._writer.flush()
 
     def cleanup_fit(self, learn):

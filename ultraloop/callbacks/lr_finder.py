@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..learner import Callback, CancelEpochException, CancelFitException
+from ..learner import Callback, CancelEpochException, CancelFitException, Learner
 from .schedule import BaseSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -109,9 +109,8 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
                  path: str | os.PathLike | None = None):
     """Loss against lr on a log axis, the suggestion marked; inline in a notebook, else saved to `path`
     (default lr_find.png). Returns the PNG's path, or None."""
-    from ..plotting import get_plt, show_or_save
-    plt = get_plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    from ..plotting import show_or_save, subplots
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')
@@ -148,6 +147,9 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
     return suggestion
+
+
+Learner.lr_find = lr_find  # learn.lr_find(...): attached here, so the core knows nothing of the finder
 
 
 def _cpu_clone(x):

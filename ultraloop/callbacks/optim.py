@@ -48,8 +48,9 @@ class GradientAccumulationCB(Callback):
     for the window and added back unscaled.
 
     The epoch's last window ends at its last batch (known from len(learn.dl)) and steps through the normal path.
-    For a loader without a length the pending window steps in after_epoch, replaying after_backward, step,
-    after_step, zero_grad and cleanup_batch there (not after_batch: metrics already saw every micro-batch).
+    For a loader without a length the pending window steps in after_epoch through `learn.apply_step()` (the train
+    step's tail: after_backward, step, after_step, zero_grad), then cleanup_batch (not after_batch: metrics already saw
+    every micro-batch).
     Gradients never cross epochs: a window left open by a cancelled epoch or fit is dropped. `bs_func(batch)` counts
     a batch's samples (default: `batch_size`, the len of its first element); return token counts for a loss averaged
     over tokens. Optimiser steps per epoch: ceil(batches / n).
@@ -94,11 +95,7 @@ class GradientAccumulationCB(Callback):
         if not self.count: return self._drop_window()  # a window opened by a batch cancelled before its backward
         self._flushing = True  # the loader had no length: its last window is known to be over only now
         try:
-            learn.callback('after_backward')
-            learn.step()
-            learn.callback('after_step')
-            learn.zero_grad()
-        except CancelStepException: learn.zero_grad()  # a skipped last step must not carry into the next epoch
+            if not learn.apply_step(): learn.zero_grad()  # a skipped last step must not carry into the next epoch
         finally:
             self._flushing = False
             learn.callback('cleanup_batch')  # per-step bookkeeping lives there too (MixedPrecisionCB's scaler update)

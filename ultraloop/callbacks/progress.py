@@ -9,7 +9,7 @@ import torch
 
 from ..learner import Callback
 from ..plotting import in_notebook
-from .metrics import MetricsCB, _metrics_cb
+from .metrics import format_row
 
 __all__ = ['ProgressCB']
 
@@ -36,8 +36,8 @@ class ProgressCB(Callback):
             raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
         self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
         if plot:
-            from ..plotting import get_plt
-            get_plt()  # a missing matplotlib fails here, not after the first epoch
+            from ..plotting import _matplotlib
+            _matplotlib()  # a missing matplotlib fails here, not after the first epoch
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
         self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
@@ -53,9 +53,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
-        self._metrics = m = _metrics_cb(learn)
-        self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
-        if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
+        self.rows: list[dict] = []  # MetricsCB's rows of this fit, as handed to log_metrics
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
         self._started = True
 
@@ -92,9 +90,11 @@ class ProgressCB(Callback):
     def _close_bar(self) -> None:
         if self._bar is not None: self._bar.close(); self._bar = None
 
-    def _write_row(self, d: dict) -> None:
-        """One line of the epoch table (a header first): MetricsCB's dict and the phase's time."""
-        d = {**d, 'time': _mmss(_clock() - self._t0)}
+    def log_metrics(self, learn, row: dict) -> None: self.rows.append(row)  # for the loss plot
+
+    def print_metrics(self, learn, row: dict) -> None:
+        """One line of the epoch table (a header first), in place of MetricsCB's printed dict: its row and the time."""
+        d = {**format_row(row), 'time': _mmss(_clock() - self._t0)}
         widths = [max(len(k), 7) + 2 for k in d]
         if self._header != list(d):
             self._header = list(d)
@@ -113,24 +113,24 @@ class ProgressCB(Callback):
         self._started = False
         self._close_bar()
         if self._mbar is not None: self._mbar.close()
-        if self._took_log: del self._metrics._log
         if self.plot and not in_notebook(): self._draw(live=False)
 
     def _draw(self, live: bool) -> Path | None:
-        from ..plotting import get_plt, show_or_save
-        plt = get_plt()
-        fig = _loss_figure(plt, self.losses, self._metrics.history if self._metrics is not None else [])
+        from ..plotting import show_or_save
+        fig = _loss_figure(self.losses, self.rows)
         if not live: return show_or_save(fig, self.path, 'progress.png')
         from IPython.display import display
         if self._handle is None: self._handle = display(fig, display_id=True)
         else: self._handle.update(fig)
+        import matplotlib.pyplot as plt
         plt.close(fig)
         return None
 
 
-def _loss_figure(plt, samples: list[tuple[float, float]], history: list[dict]):
+def _loss_figure(samples: list[tuple[float, float]], history: list[dict]):
     """The train loss as sampled for the display, and each phase's mean loss at the end of its epoch."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from ..plotting import subplots
+    fig, ax = subplots(figsize=(6, 3.5))
     if samples: ax.plot(*zip(*samples), alpha=0.5, label='train (samples)')
     for ph in ('train', 'eval'):
         pts = [(r['epoch'] + 1, r['loss']) for r in history if r['train'] == ph]

@@ -7,9 +7,10 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch.optim import lr_scheduler
 
-from ..learner import Callback, _as_cbs
+from ..learner import Callback, Learner, _as_cbs
 
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB']  # fit_one_cycle: use learn.fit_one_cycle
 
@@ -50,10 +51,12 @@ class BaseSchedCB(Callback):
 
     def _step(self, learn) -> None:
         if not learn.training: return
-        self.lrs.append(learn.opt.param_groups[0]['lr'])
+        self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
 
     def cleanup_fit(self, learn):
+        if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
+            self.lrs = torch.stack([torch.as_tensor(v) for v in self.lrs]).double().tolist()
         if self._saved is None: return  # this fit's before_fit did not get this far: nothing to put back
         for g, saved in zip(learn.opt.param_groups, self._saved): g.update(saved)
         self._saved = None  # a later fit failing before its before_fit must not restore these stale values
@@ -62,6 +65,7 @@ class BaseSchedCB(Callback):
 class BatchSchedCB(BaseSchedCB):
     """Steps a torch LR scheduler after every optimiser step. A step skipped through CancelStepException (gradient
     accumulation, a mixed-precision overflow) does not advance it. `lrs`: the lr each step used."""
+    cuda_graph_host_after_step = True  # under CudaGraphCB it steps on the host between replays, writing a device lr
 
     def after_step(self, learn): self._step(learn)
 
@@ -100,9 +104,9 @@ class RecorderCB(Callback):
     def plot(self, figsize=None, path: str | os.PathLike | None = None) -> Path | None:
         """One panel per recorded name against the training batch: inline in a notebook, else saved to `path`
         (default recorder.png). Returns the PNG's path, or None."""
-        from ..plotting import get_plt, show_or_save
+        from ..plotting import show_or_save, subplots
         if not any(self.recs.values()): raise ValueError('nothing recorded yet: fit with this callback in cbs first')
-        fig, axs = get_plt().subplots(1, len(self.recs), figsize=figsize or (4 * len(self.recs), 3), squeeze=False)
+        fig, axs = subplots(1, len(self.recs), figsize=figsize or (4 * len(self.recs), 3), squeeze=False)
         for ax, (k, v) in zip(axs[0], self.recs.items()):
             ax.plot(v)
             ax.set_title(k); ax.set_xlabel('batch')
@@ -135,6 +139,9 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max)
     return sched
+
+
+Learner.fit_one_cycle = fit_one_cycle  # learn.fit_one_cycle(...)
 
 
 def _one_cycle(opt, cycle_momentum: bool | None, **kwargs) -> lr_scheduler.OneCycleLR:
