@@ -131,9 +131,11 @@ def test_n_inp_feeds_the_first_elements_to_the_model_and_the_rest_to_the_loss():
 
 def test_n_inp_is_checked():
     for bad in (0, 1.5, True, 'x'):
-        with pytest.raises(ValueError, match=f"n_inp is how many leading batch elements the model takes, an int >= 1; "
-                                             f"got {bad!r}"):
+        with pytest.raises(ValueError, match=rf"TrainCB: n_inp \(how many leading batch elements the model takes\) must be "
+                                             rf"an int >= 1, got {bad!r}"):
             TrainCB(bad)
+    with pytest.raises(ValueError, match=r'MixedPrecision: n_inp \(how many .*\) must be an int >= 1, got 0'):
+        MixedPrecision(0)
 
 
 @pytest.fixture
@@ -520,7 +522,7 @@ def test_set_seed_seeds_torch_random_and_numpy(restore_determinism):
     assert draw() == a and torch.are_deterministic_algorithms_enabled()
     set_seed(43)
     assert draw() != a and not torch.are_deterministic_algorithms_enabled()
-    with pytest.raises(TypeError, match="set_seed: seed must be an int, got str '1'"): set_seed('1')
+    with pytest.raises(ValueError, match="set_seed: seed must be an int, got '1'"): set_seed('1')
 
 
 # ---- DataLoaders.from_dd over an in-memory DatasetDict-like mapping ---------------------------------------------------
@@ -585,6 +587,7 @@ def test_from_dd_bad_inputs_and_collate_dict_without_features():
     assert x.shape == (4, 1) and y.tolist() == [0, 1, 2, 3]
     train, valid = get_dls(rows, rows, 3)
     assert train.batch_size == 3 and valid.batch_size == 6
+    with pytest.raises(ValueError, match='get_dls: bs must be an int >= 1, got 0'): get_dls(rows, rows, 0)
 
 
 # ---- MetricsCB and ProgressCB as course subclasses use them; show_image_batch; the optimiser across fits -----------------

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from .utils import check_int
+
 __all__ = ['DataLoaders', 'TensorLoader', 'to_device', 'to_cpu', 'def_device', 'set_seed', 'collate_dict', 'get_dls']
 
 def_device = ('mps' if torch.backends.mps.is_available()
@@ -37,8 +39,7 @@ def to_cpu(x):
 def set_seed(seed: int, deterministic: bool = False) -> None:
     """Seed torch (every device), python's `random` and numpy (when installed) with `seed`, and switch
     `torch.use_deterministic_algorithms(deterministic)` (True makes ops without a deterministic kernel raise)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f'set_seed: seed must be an int, got {type(seed).__name__} {seed!r}')
+    check_int('set_seed: seed', seed)
     torch.use_deterministic_algorithms(deterministic)
     torch.manual_seed(seed)
     random.seed(seed)
@@ -73,7 +74,7 @@ def collate_dict(ds, as_tuple: bool = True) -> Callable[[list], Any]:
 def get_dls(train_ds, valid_ds, bs: int, **kwargs) -> tuple[DataLoader, DataLoader]:
     """The course's pair of torch DataLoaders: train shuffled with batch size `bs`, valid in order with `2 * bs` (no
     gradients, so twice the batch fits); `kwargs` (num_workers, collate_fn, ...) go to both."""
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise ValueError(f'bs must be an int >= 1, got {bs!r}')
+    check_int('get_dls: bs', bs, 1)
     return (DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
             DataLoader(valid_ds, batch_size=bs * 2, **kwargs))
 

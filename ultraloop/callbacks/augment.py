@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..learner import Callback, CancelFitException, Learner, _as_cbs
+from ..utils import check_int, map_tensors
 
 __all__ = ['BatchTransformCB', 'CapturePreds']  # capture_preds, show_image_batch: use learn.capture_preds(), ...
 
@@ -28,16 +29,12 @@ class BatchTransformCB(Callback):
         if self.on_train if learn.training else self.on_val: learn.batch = self.tfm(learn.batch)
 
 
-def _to_host(x):
-    """`x`'s tensors detached on the CPU. From an accelerator the copy goes to pinned memory with non_blocking=True, so
-    it waits for nothing; the values are valid once the device has passed this point (`_sync` at the end)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.device.type != 'cuda': return x.cpu()
-        return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
-    if isinstance(x, dict): return {k: _to_host(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_to_host(o) for o in x)
-    return x
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached on the CPU. From a GPU the copy goes to pinned memory with non_blocking=True, so it waits for
+    nothing; its values are valid once the device has passed this point (CapturePreds synchronises before joining)."""
+    t = t.detach()
+    if t.device.type != 'cuda': return t.cpu()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def _cat(parts: list):
@@ -63,9 +60,9 @@ class CapturePreds(Callback):
     def after_batch(self, learn):
         b = learn.batch
         inps, preds, targs = self._parts
-        inps.append(_to_host(b[0]))
-        preds.append(_to_host(learn.preds))
-        targs.append(_to_host(b[1]))
+        inps.append(map_tensors(_host_copy, b[0]))
+        preds.append(map_tensors(_host_copy, learn.preds))
+        targs.append(map_tensors(_host_copy, b[1]))
 
     def _join(self, i: int):
         if self._joined is None:
@@ -100,8 +97,7 @@ def show_image_batch(learn: Learner, max_n: int = 9, cbs=None, nrows: int | None
     """Shows the first `max_n` images (`batch[0]`) of the first training batch as the step would see them, after the
     callbacks' before_batch (augmentations in learn.cbs and `cbs`). Unlike miniai's, no step is taken (the weights stay
     as they were). A grid of `imsize`-inch images; inline in a notebook, else saved to `path` (default batch.png)."""
-    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
-        raise ValueError(f'max_n must be an int >= 1, got {max_n!r}')
+    check_int('show_image_batch: max_n', max_n, 1)
     learn.fit(1, valid=False, cbs=[_FirstBatch(), *_as_cbs(cbs)])
     ims = learn.batch[0][:max_n]
     return _show_images(ims, nrows, ncols, imsize, figsize, titles, path)

@@ -9,6 +9,7 @@ import torch
 
 from ..data import def_device, to_device
 from ..learner import Callback, CancelBatchException, CancelEpochException, CancelFitException, _order
+from ..utils import check_int
 
 __all__ = ['TrainCB', 'DeviceCB', 'HasLearnCB', 'run_cbs', 'with_cbs']
 
@@ -21,17 +22,11 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
     return device.index is None or d.index == device.index
 
 
-def _check_n_inp(n_inp) -> None:
-    if isinstance(n_inp, bool) or not isinstance(n_inp, int) or n_inp < 1:
-        raise ValueError(f'n_inp is how many leading batch elements the model takes, an int >= 1; got {n_inp!r}')
-
-
 class TrainCB(Callback):
     """Provides the step methods for a plain `Learner`: the first `n_inp` elements of the batch are the model's inputs
     and the rest go to the loss: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`."""
     def __init__(self, n_inp: int = 1):
-        _check_n_inp(n_inp)
-        self.n_inp = n_inp
+        self.n_inp = check_int(f'{type(self).__name__}: n_inp (how many leading batch elements the model takes)', n_inp, 1)
 
     def predict(self, learn):
         b = learn.batch

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
+from ..utils import check_number
 from .schedule import BaseSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -28,9 +29,8 @@ def _growth(who: str, gamma, lr_mult, max_mult) -> float:
         if gamma != _GAMMA:
             raise ValueError(f'{who}: gamma={gamma!r} and lr_mult={lr_mult!r} name the same multiplier; pass one of them')
         gamma, nm = lr_mult, 'lr_mult'
-    for n, v in ((nm, gamma), ('max_mult', max_mult)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
-            raise ValueError(f'{who}: {n} must be a number > 1, got {v!r}')
+    check_number(f'{who}: {nm}', gamma, gt=1)
+    check_number(f'{who}: max_mult', max_mult, gt=1)
     return gamma
 
 
