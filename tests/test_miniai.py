@@ -129,6 +129,17 @@ def test_n_inp_feeds_the_first_elements_to_the_model_and_the_rest_to_the_loss():
     assert_same(params(learn.model), ref)
 
 
+def test_a_train_cb_subclass_that_skips_train_cb_init_still_steps():
+    class OwnInit(TrainCB):
+        def __init__(self, scale): self.scale = scale  # no super().__init__(), as some course callbacks do
+
+    learn = Learner(toy_model(), dls(), F.cross_entropy, cbs=[OwnInit(2)])
+    learn.fit(1)
+    ref = Learner(toy_model(), dls(), F.cross_entropy, cbs=[TrainCB()])
+    ref.fit(1)
+    assert_same(params(learn.model), params(ref.model))
+
+
 def test_n_inp_is_checked():
     for bad in (0, 1.5, True, 'x'):
         with pytest.raises(ValueError, match=rf"TrainCB: n_inp \(how many leading batch elements the model takes\) must be "

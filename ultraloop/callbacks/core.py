@@ -25,6 +25,8 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
 class TrainCB(Callback):
     """Provides the step methods for a plain `Learner`: the first `n_inp` elements of the batch are the model's inputs
     and the rest go to the loss: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`."""
+    n_inp = 1  # also for subclasses whose __init__ does not call TrainCB's (the course's NCACB)
+
     def __init__(self, n_inp: int = 1):
         self.n_inp = check_int(f'{type(self).__name__}: n_inp (how many leading batch elements the model takes)', n_inp, 1)
 
