@@ -226,7 +226,7 @@ print([h.shape for h in hooks])
 # ## Summary
 #
 # `learn.summary()` runs one batch forward, with no side effects, and tabulates each layer's input and output
-# shapes, parameters and approximate MFLOPs.
+# shapes, parameters and MFLOPs (as torch's FlopCounterMode counts them: matrix products and convolutions).
 
 # %%
 print(learn.summary())
