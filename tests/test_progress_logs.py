@@ -118,7 +118,8 @@ def test_an_error_in_an_earlier_before_fit_propagates_unchanged(tmp_path, capsys
 
 
 def test_progress_arguments_are_checked():
-    with pytest.raises(ValueError, match='refresh is seconds between loss reads'): ProgressCB(refresh=-1)
+    with pytest.raises(ValueError, match=r'ProgressCB: refresh \(seconds between loss reads\) must be a number >= 0, got -1'):
+        ProgressCB(refresh=-1)
 
 
 def test_missing_tqdm_is_named(monkeypatch):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from .utils import check_int
+from .utils import check_int, map_tensors
 
 __all__ = ['DataLoaders', 'TensorLoader', 'to_device', 'to_cpu', 'def_device', 'set_seed', 'collate_dict', 'get_dls']
 
@@ -18,22 +18,14 @@ def_device = ('mps' if torch.backends.mps.is_available()
               else 'cpu')
 
 
-def _map_tensors(f: Callable[[torch.Tensor], Any], x):
-    """`f` applied to every tensor in `x` (a tensor, or lists, tuples and dicts of them); other values pass through."""
-    if isinstance(x, torch.Tensor): return f(x)
-    if isinstance(x, Mapping): return {k: _map_tensors(f, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_map_tensors(f, o) for o in x)
-    return x
-
-
 def to_device(x, device=def_device, non_blocking: bool = False):
     """Move every tensor in `x` (a tensor, or lists, tuples and dicts of them) to `device`; other values pass through."""
-    return _map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
 
 
 def to_cpu(x):
     """Detach and copy every tensor in `x` to the CPU (note: a host-device sync for tensors on an accelerator)."""
-    return _map_tensors(lambda t: t.detach().cpu(), x)
+    return map_tensors(lambda t: t.detach().cpu(), x)
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
@@ -97,7 +89,7 @@ class TensorLoader:
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
             raise ValueError(f'tensors differ in length {[len(t) for t in tensors]}; every tensor needs one row per sample')
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise ValueError(f'bs must be an int >= 1, got {bs!r}')
+        check_int('bs', bs, 1)
         self.tensors = [t.to(device) for t in tensors] if device is not None else list(tensors)
         self.n, self.bs, self.shuffle, self.drop_last = n, bs, shuffle, drop_last
         if seed is None: seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed

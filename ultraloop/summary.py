@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .callbacks.hooks import Hooks, _is_leaf
 from .data import to_device
-from .utils import module_names
+from .utils import is_int, module_names
 from .learner import Learner
 
 __all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
@@ -127,7 +127,7 @@ def _model_input(learn, batch, input_shape, device: torch.device):
         raise ValueError('pass batch or input_shape, not both: batch is a real batch, input_shape makes a random one')
     if input_shape is not None:
         if (not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_shape)):
+                or any(not is_int(n) or n < 1 for n in input_shape)):
             raise ValueError(f'input_shape must be a tuple of ints >= 1 including the batch size, e.g. (1, 1, 28, 28); '
                              f'got {input_shape!r}')
         p = next((p for p in learn.model.parameters() if p.is_floating_point()), None)

@@ -14,6 +14,7 @@ from torch import nn
 from ..data import to_cpu
 from ..learner import Callback
 from ..plotting import show_or_save, subplots
+from ..utils import check_int, is_number, module_names
 
 __all__ = ['Hook', 'Hooks', 'HooksCallback', 'ActivationStatsCB', 'ActivationStats', 'append_stats', 'get_hist',
            'get_min']
@@ -127,8 +128,8 @@ class HooksCallback(Callback):
         # the phase check costs one attribute read per call; skipped when both phases are wanted
         fn = self.hookfunc if (self.on_train and self.on_valid) else self._gated
         self.hooks = Hooks(mods, fn)
-        names = {id(m): n for n, m in learn.model.named_modules()}
-        for h in self.hooks: h.name, h.owner = names[id(h.module)] or 'model', self
+        names = module_names(learn.model)
+        for h in self.hooks: h.name, h.owner = names[id(h.module)], self
 
     def _gated(self, hook, module, inp, outp) -> None:
         if self.on_train if self._learn.training else self.on_valid: self.hookfunc(hook, module, inp, outp)
@@ -153,10 +154,8 @@ class ActivationStatsCB(HooksCallback):
 
     def __init__(self, mod_filter=None, on_train: bool = True, on_valid: bool = False,
                  mods: Iterable[nn.Module] | None = None, bins: int = 40, hist_range: tuple[float, float] = (0., 10.)):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f'bins must be an int >= 1, got {bins!r}')
-        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in hist_range)
+        check_int('bins', bins, 1)
+        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2 and all(map(is_number, hist_range))
                 and hist_range[0] < hist_range[1]):
             raise ValueError(f'hist_range must be (low, high) with low < high, got {hist_range!r}')
         self.bins, self.hist_range = bins, (float(hist_range[0]), float(hist_range[1]))

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
-from ..utils import check_number
+from ..utils import check_int, check_number
 from .schedule import BaseSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -29,8 +29,8 @@ def _growth(who: str, gamma, lr_mult, max_mult) -> float:
         if gamma != _GAMMA:
             raise ValueError(f'{who}: gamma={gamma!r} and lr_mult={lr_mult!r} name the same multiplier; pass one of them')
         gamma, nm = lr_mult, 'lr_mult'
-    check_number(f'{who}: {nm}', gamma, gt=1)
-    check_number(f'{who}: max_mult', max_mult, gt=1)
+    check_number(f'{who}: {nm}', gamma, gt=1, finite=True)
+    check_number(f'{who}: max_mult', max_mult, gt=1, finite=True)
     return gamma
 
 
@@ -43,8 +43,7 @@ class LRFinderCB(Callback):
 
     def __init__(self, gamma: float = _GAMMA, max_mult: float = 3, beta: float = 0.9, *, lr_mult: float | None = None):
         gamma = _growth('LRFinderCB', gamma, lr_mult, max_mult)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f'LRFinderCB: beta (loss smoothing) must be a number in [0, 1), got {beta!r}')
+        check_number('LRFinderCB: beta (loss smoothing)', beta, ge=0, lt=1)
         self.gamma, self.max_mult, self.beta = gamma, max_mult, beta
         self.lrs: list[float] = []
         self.losses: list[float] = []
@@ -130,10 +129,8 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
     (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
     fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
     gamma = _growth('lr_find', gamma, lr_mult, max_mult)
-    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not start_lr > 0:
-        raise ValueError(f'lr_find: start_lr must be a number > 0, got {start_lr!r}')
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
+    check_number('lr_find: start_lr', start_lr, gt=0, finite=True)
+    check_int('lr_find: max_epochs', max_epochs, 1)
     if not isinstance(learn.model, torch.nn.Module):
         raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
     finder = LRFinderCB(gamma, max_mult)

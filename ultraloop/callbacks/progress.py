@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..learner import Callback
+from ..utils import check_number
 from ..plotting import in_notebook
 from .metrics import format_row
 
@@ -32,8 +33,7 @@ class ProgressCB(Callback):
     _mbar = _bar = None  # the epochs and batch bars, made at the first phase
 
     def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
-        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
-            raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
+        check_number('ProgressCB: refresh (seconds between loss reads)', refresh, ge=0)
         self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
         if plot:
             from ..plotting import _matplotlib

@@ -11,6 +11,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from ..learner import Callback, Learner, _as_cbs
+from ..utils import check_int, check_number
 
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB']  # fit_one_cycle: use learn.fit_one_cycle
 
@@ -130,10 +131,8 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
     (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...). Returns the schedule callback."""
-    if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
-        raise ValueError(f'fit_one_cycle: n_epochs must be an int >= 1, got {n_epochs!r}')
-    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not lr_max > 0:
-        raise ValueError(f'fit_one_cycle: lr_max must be a number > 0, got {lr_max!r}')
+    check_int('fit_one_cycle: n_epochs', n_epochs, 1)
+    check_number('fit_one_cycle: lr_max', lr_max, gt=0, finite=True)
     cbs = _as_cbs(cbs)
     total = n_epochs * _steps_per_epoch(learn, cbs)
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
