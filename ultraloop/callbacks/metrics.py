@@ -163,8 +163,8 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
+        self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
-        self._print(learn, row)
 
     @property
     def columns(self) -> list[str]:
