@@ -215,4 +215,7 @@ def test_bad_arguments_are_refused_and_change_nothing():
     learn.model = 'not a model'
     with pytest.raises(TypeError, match='model must be a torch.nn.Module'): learn.lr_find(plot=False)
     with pytest.raises(ValueError, match='beta .* in \\[0, 1\\)'): LRFinderCB(beta=1)
-    with pytest.raises(ValueError, match='stop_div must be a finite number > 1'): LRFinderCB(stop_div=0.5)
+    with pytest.raises(ValueError, match='max_mult must be a finite number > 1'): LRFinderCB(max_mult=0.5)
+    with pytest.raises(ValueError, match='gamma must be a finite number > 1, got 0.9'): learn.lr_find(0.9)
+    with pytest.raises(ValueError, match=r'gamma=1.1 and lr_mult=1.2 name the same multiplier; pass one'):
+        LRFinderCB(1.1, lr_mult=1.2)

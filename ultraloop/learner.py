@@ -355,9 +355,15 @@ class _BoundStep:
 
 
 class TrainLearner(Learner):
-    """A Learner with the plain supervised step: batch is (x, y, ...)."""
-    def predict(self): self.preds = self.model(self.batch[0])
-    def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
+    """A Learner with the plain supervised step: the first `n_inp` batch elements (class attribute, 1 by default; set
+    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`."""
+    n_inp = 1
+
+    def predict(self):
+        b = self.batch
+        self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
+
+    def get_loss(self): self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()

@@ -161,7 +161,7 @@ class MetricsCB(Callback):
         self._flush()
         row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
         row['epoch'] = learn.epoch
-        row['train'] = 'train' if learn.training else 'eval'
+        row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
         self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
