@@ -120,7 +120,7 @@ def test_demo_end_to_end(tmp_path):
     r = run_cli('demo', '--epochs', '1', '--out', out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'data: digits (1,438 train, 359 valid, (1, 8, 8)), model: cnn' in r.stdout
-    assert re.search(r'^(suggested lr: \d|no suggested lr \(the loss shows no clear descent\); using lr)', r.stdout, re.M)
+    assert re.search(r'^suggested lr: \d', r.stdout, re.M)  # seeded: the digits show a clear descent
     assert re.search(r'^valid: accuracy 0\.\d{3}, loss \d+\.\d{3}$', r.stdout, re.M)
     assert r.stdout.rstrip().splitlines()[-1] == f'run folder: {out} (loss.png, lr_find.png)'
     for png in ('loss.png', 'lr_find.png'): assert (out / png).read_bytes()[:8] == PNG
@@ -144,7 +144,7 @@ def test_fit_fashion_mnist_files_end_to_end(tmp_path):
 def test_lr_find_end_to_end(tmp_path):
     r = run_cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--threads', '1', '--out', tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r'^suggested lr: (\d|none)', r.stdout, re.M)
+    assert re.search(r'^suggested lr: \d', r.stdout, re.M)
     assert (tmp_path / 'lr_find.png').read_bytes()[:8] == PNG
 
 

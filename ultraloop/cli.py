@@ -244,7 +244,7 @@ def _lr_find(args) -> int:
     _check_data_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'lr-find')
-    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs)
+    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, gamma=args.lr_mult, max_epochs=args.max_epochs)
     print('suggested lr: none (the loss shows no clear descent: see the plot)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
     return 0

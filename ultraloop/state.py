@@ -141,7 +141,7 @@ def _phase_loader(learn, phase: str):
 
 def epoch_ends(learn) -> bool:
     """True in the phase that ends an epoch: the valid phase, or the train phase of a fit without valid phases."""
-    return not learn.training or not learn._fit_phases[1]
+    return not learn.model.training or not learn._fit_phases[1]
 
 
 def position(learn) -> dict:
@@ -151,7 +151,7 @@ def position(learn) -> dict:
     loaded = getattr(learn, '_loaded_position', None)
     if loaded is not None: return loaded
     if getattr(learn, '_in_phase', False):
-        return {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'batch': learn.iter + 1,
+        return {'epoch': learn.epoch, 'phase': 'train' if learn.model.training else 'valid', 'batch': learn.iter + 1,
                 'in_phase': True, 'phase_start': learn._phase_rng}
     last = getattr(learn, '_last_phase', None)
     if last is None: epoch, phase = 0, 'train'

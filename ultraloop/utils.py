@@ -31,7 +31,7 @@ def check_int(what: str, v, lo: int | None = None) -> int:
 def check_number(what: str, v, gt: float | None = None, ge: float | None = None, lt: float | None = None,
                  finite: bool = False, hint: str = '') -> float:
     """`v` if it is a number within the bounds (NaN never is; inf not with `finite`), else a ValueError naming `what`
-    and the range: "what must be a number > 0, got v", or "... in [0, 1)" for two bounds. `hint` is appended."""
+    and the range: "what must be a number > 0, got v", or "... in [0, 1)" for two bounds; `hint` follows the range."""
     ok = is_number(v) and not math.isnan(v) and not (finite and math.isinf(v))
     ok = ok and (gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
     if not ok:
@@ -41,7 +41,7 @@ def check_number(what: str, v, gt: float | None = None, ge: float | None = None,
         elif lt is not None: rng = f' < {lt:g}'
         else: rng = ''
         kind = 'a finite number' if finite else 'a number'
-        raise ValueError(f'{what} must be {kind}{rng}, got {v!r}{hint}')
+        raise ValueError(f'{what} must be {kind}{rng}{hint}, got {v!r}')
     return v
 
 

@@ -56,27 +56,25 @@ class _Rows:
     """Predictions and targets of a phase's batches, copied (`copy_`, no host sync) into two preallocated device tensors
     of about `nbytes` together, then handed to the metrics as one chunk when full and at the phase end. Memory stays
     bounded whatever the class count, no per-batch allocation fragments the allocator, and outputs that a step writes
-    in place (a CUDA graph replay) are safe, as each batch is copied. A batch of another trailing shape, dtype or
-    device closes the chunk (so sequences of varying length are handed over batch by batch)."""
+    in place (a CUDA graph replay) are safe, as each batch is copied. A batch of another trailing shape closes the
+    chunk (so sequences of varying length are handed over batch by batch); the buffers take the dtype and device of the
+    chunk's first batch."""
 
-    def __init__(self, nbytes: int): self.nbytes, self.p, self.y, self.n = nbytes, None, None, 0
+    def __init__(self, nbytes: int): self.nbytes, self.p, self.n, self.cap, self.ps, self.ys = nbytes, None, 0, 0, None, None
 
     def fits(self, p: torch.Tensor, y: torch.Tensor) -> bool:
-        """Whether the batch can be added to the open chunk (False: take() the chunk first)."""
-        b = self.p
-        if b is None: return True
-        return (self.n + len(p) <= len(b) and p.shape[1:] == b.shape[1:] and y.shape[1:] == self.y.shape[1:]
-                and p.dtype == b.dtype and y.dtype == self.y.dtype and p.device == b.device and y.device == self.y.device)
+        """Whether the batch can join the open chunk (False: take() the chunk first). Per batch: keep it cheap."""
+        return self.n + len(p) <= self.cap and p.shape[1:] == self.ps and y.shape[1:] == self.ys
 
     def add(self, p: torch.Tensor, y: torch.Tensor) -> None:
-        k = len(p)
-        if self.p is None:  # rows of this shape that fit in nbytes, at least one batch
-            row = p[:1].nbytes + y[:1].nbytes
-            cap = max(k, self.nbytes // max(row, 1))
-            self.p, self.y = p.new_empty((cap, *p.shape[1:])), y.new_empty((cap, *y.shape[1:]))
-        self.p[self.n:self.n + k].copy_(p)
-        self.y[self.n:self.n + k].copy_(y)
-        self.n += k
+        n, k = self.n, len(p)
+        if self.p is None:  # as many rows of this shape as fit in nbytes, at least one batch
+            self.cap = max(k, self.nbytes // max(p[:1].nbytes + y[:1].nbytes, 1))
+            self.p, self.y = p.new_empty((self.cap, *p.shape[1:])), y.new_empty((self.cap, *y.shape[1:]))
+            self.ps, self.ys = p.shape[1:], y.shape[1:]
+        self.p[n:n + k].copy_(p)
+        self.y[n:n + k].copy_(y)
+        self.n = n + k
 
     def state(self) -> dict | None:
         """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
@@ -96,8 +94,8 @@ class _Rows:
         """The chunk's rows; the next add allocates anew, so a metric may keep what it is given."""
         if not self.n: return None
         out = self.p[:self.n], self.y[:self.n]
-        self.p = self.y = None
-        self.n = 0
+        self.p = self.y = self.ps = self.ys = None
+        self.n = self.cap = 0
         return out
 
 
@@ -182,11 +180,11 @@ class MetricsCB(Callback):
         self._flush()
         row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
         row['epoch'] = learn.epoch
-        row['train'] = 'train' if learn.training else 'eval'
+        row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
         self._in_phase = False
+        self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
-        self._print(learn, row)
 
     def cleanup_epoch(self, learn): self._in_phase = False
 

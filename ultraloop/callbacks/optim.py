@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..learner import Callback, CancelStepException
+from ..utils import check_int, check_number
 
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB']  # batch_size stays out: a common variable name
 
@@ -19,9 +20,7 @@ class GradientClippingCB(Callback):
     cuda_graph_safe = True  # no host sync: CudaGraphCB may capture it inside the step
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
-        for nm, v in (('max_norm', max_norm), ('norm_type', norm_type)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f'GradientClippingCB: {nm} must be a number > 0, got {v!r}')
+        for nm, v in (('max_norm', max_norm), ('norm_type', norm_type)): check_number(f'GradientClippingCB: {nm}', v, gt=0)
         self.max_norm, self.norm_type = max_norm, norm_type
         self.norm: torch.Tensor | None = None  # the last total norm before clipping, on the device (reading it syncs)
 
@@ -60,8 +59,7 @@ class GradientAccumulationCB(Callback):
     order = -30  # first of the gradient callbacks: later ones must see the whole window's gradient
 
     def __init__(self, n: int, bs_func: Callable[[Any], int] = batch_size):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f'GradientAccumulationCB: n (micro-batches per optimiser step) must be an int >= 1, got {n!r}')
+        check_int('GradientAccumulationCB: n (micro-batches per optimiser step)', n, 1)
         if not callable(bs_func): raise TypeError(f'GradientAccumulationCB: bs_func must be callable, got {bs_func!r}')
         self.n, self.bs_func = n, bs_func
         self.count = self.samples = 0  # micro-batches and samples in the open window

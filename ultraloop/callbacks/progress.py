@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..learner import Callback
+from ..utils import check_number
 from ..plotting import in_notebook
 from .metrics import format_row
 
@@ -29,10 +30,10 @@ class ProgressCB(Callback):
     `plot=True` draws the train loss samples and each phase's mean loss: live in a notebook, saved to `path`
     (default `progress.png`) after fit elsewhere."""
     order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
+    _mbar = _bar = None  # the epochs and batch bars, made at the first phase
 
     def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
-        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
-            raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
+        check_number('ProgressCB: refresh (seconds between loss reads)', refresh, ge=0)
         self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
         if plot:
             from ..plotting import _matplotlib
@@ -40,6 +41,15 @@ class ProgressCB(Callback):
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
         self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
+
+    @property
+    def mbar(self):
+        """The epochs bar (a tqdm bar, where the course's fastprogress has a master_bar), from the first phase on:
+        subclasses may attach their own state to it. The batch bar of the current phase is `self.pbar`."""
+        return self._mbar
+
+    @property
+    def pbar(self): return self._bar
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None

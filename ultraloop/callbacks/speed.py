@@ -86,7 +86,6 @@ class CudaGraphCB(Callback):
     capture only), the batch is not a list of tensors, or capture fails (a host sync such as `.item()` in the step).
     """
     order = 1_000  # before_batch last: the batch is on the device and in its memory format
-    reuses_outputs = True  # learn.preds and learn.loss are the graph's buffers, overwritten by the next replay
 
     def __init__(self, warmup: int = 3):
         self.warmup = check_int('CudaGraphCB: warmup (eager train batches before capture)', warmup, 1)
@@ -147,6 +146,8 @@ class CudaGraphCB(Callback):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
         learn.batch, graph, main = self._static, torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        table = learn._handlers  # host after_step handlers run after each replay, so not inside the recorded step
+        learn._handlers = {**table, 'after_step': tuple(f for f in table['after_step'] if f not in self._host)}
         try:
             with torch.cuda.graph(graph, stream=self._stream): self._eager(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
@@ -154,6 +155,7 @@ class CudaGraphCB(Callback):
             learn.batch = b
             msg = str(e).strip().splitlines()
             return self._give_up(f'capture failed ({type(e).__name__}: {msg[0][:120] if msg else ""})')
+        finally: learn._handlers = table
         # outputs live in the graph's memory and are overwritten by the next replay
         self.graph, self._preds, self._loss = graph, learn.preds, learn.loss
         self._baked = _baked(learn.opt, self._lr_tensors)
