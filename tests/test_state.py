@@ -181,6 +181,10 @@ def test_resume_refuses_a_position_past_the_fit_and_an_empty_folder(tmp_path):
     (tmp_path / 'b').mkdir()
     with pytest.raises(ValueError, match=r"resume='.*b': the folder holds no checkpoint \(checkpoint-\*\.pt\)"):
         learn.fit(1, resume=tmp_path / 'b')
+    with pytest.raises(TypeError, match=r"resume must be a checkpoint file, a folder of checkpoints or a "
+                                        r"learn.state_dict\(\), got bool True: e.g. resume='checkpoints'"):
+        learn.fit(1, resume=True)
+    with pytest.raises(FileNotFoundError, match=r'nope.pt: no such checkpoint file'): learn.fit(1, resume=tmp_path / 'nope.pt')
     done = make(ckdir=tmp_path / 'a')
     done.fit(2, resume=tmp_path / 'a')  # at its end already: nothing left to run
     assert_same(outcome(done), outcome(learn))
@@ -352,3 +356,18 @@ def test_lr_find_and_summary_leave_every_piece_of_state_as_it_was():
     learn.summary()
     assert_same(state.cpu_copy(learn.state_dict()), before)
     assert torch.equal(dls.train.order, order) and learn.metrics.history == before['callbacks'][0][1]['history']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_resume_on_cuda_with_a_float16_scaler_and_cuda_dropout():
+    from ultraloop import DeviceCB
+
+    def cbs(): return [DeviceCB('cuda'), MixedPrecisionCB(torch.float16), GradientAccumulationCB(2)]
+    ref = make(cbs=cbs())
+    ref.fit(2)
+    learn = make(cbs=[*cbs(), snap := SnapAt(9)])
+    with pytest.raises(KeyboardInterrupt): learn.fit(2)
+    assert 'cuda' in snap.sd['rng'] and snap.sd['callbacks'][1][1]['scaler'] is not None
+    resumed = make(cbs=cbs())
+    resumed.fit(2, resume=snap.sd)
+    assert_same(state.cpu_copy(outcome(resumed)), state.cpu_copy(outcome(ref)))

@@ -234,6 +234,9 @@ class Resume:
     phase), and the loader positioned at its next batch with the RNGs as they were then (`enter_phase`)."""
 
     def __init__(self, learn, source, n_epochs: int):
+        if not isinstance(source, (str, os.PathLike, dict)):
+            raise TypeError(f'resume must be a checkpoint file, a folder of checkpoints or a learn.state_dict(), got '
+                            f'{type(source).__name__} {source!r}: e.g. resume=\'checkpoints\'')
         self.what = 'the state passed as resume' if isinstance(source, dict) else None
         if isinstance(source, dict): sd = source
         else:
@@ -250,7 +253,6 @@ class Resume:
             raise ValueError(f'{self.what} is at epoch {pos["epoch"]} ({pos["phase"]} batch {pos["batch"]}), past a fit '
                              f'of n_epochs={n_epochs}: resume with at least n_epochs={pos["epoch"] + 1}')
         self.sd, self.pos, self.pending = sd, pos, pos['in_phase']
-        self.path = None if isinstance(source, dict) else Path(self.what)
 
     def start(self, learn) -> tuple[int, str]:
         sd = self.sd
