@@ -150,7 +150,7 @@ learn.fit(2)
 
 # %%
 if importlib.util.find_spec('accelerate'):
-    learn = Learner(get_model(), dls, loss_func=loss_func, cbs=[metrics(), AccelerateCB('bf16')])
+    learn = Learner(get_model(), dls, loss_func=loss_func, cbs=[metrics(), AccelerateCB(mixed_precision='bf16')])
     learn.fit(2)
 else: print('AccelerateCB needs accelerate: pip install accelerate')
 

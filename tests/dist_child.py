@@ -167,7 +167,7 @@ def cli(out: Path, rank: int) -> dict:
 
 
 def accelerate(out: Path, rank: int) -> dict:
-    acb = AccelerateCB('no', cpu=True)
+    acb = AccelerateCB(mixed_precision='no', cpu=True)
     learn = learner(16, model_seed=rank, step=acb)
     with captured() as printed: learn.fit(2)
     return {'history': learn.metrics.history, 'params': flat_params(acb.acc.unwrap_model(learn.model)),

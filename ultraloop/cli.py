@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                           f'{DEFAULT_LR["adamw"]} for adamw)')
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.add_argument('--checkpoint-dir', type=Path, default=None, metavar='DIR',
+                     help='write a checkpoint to DIR at every epoch end and on ctrl-C (CheckpointCB), keeping the newest 2')
+    fit.add_argument('--every-batches', type=_int_at_least(1), default=None, metavar='K',
+                     help='also checkpoint every K training batches (needs --checkpoint-dir)')
+    fit.add_argument('--resume', action='store_true',
+                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped (give the '
+                          'options it was started with); with none there yet, start from the beginning')
+    fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
+                     help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
                      help='under torchrun, how the processes share the model: ddp (DistributedDataParallel) or fsdp '
                           '(FSDP2 fully_shard); --bs is then per process (default: ddp; a single process ignores it)')
@@ -239,8 +248,16 @@ def _demo(args) -> int:
     return 0
 
 
+def _check_long_run_args(args) -> None:
+    ck = args.checkpoint_dir
+    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume)):
+        if given and ck is None: args.parser.error(f'{flag} needs --checkpoint-dir DIR, the folder of the checkpoints')
+    if ck is not None and ck.exists() and not ck.is_dir(): args.parser.error(f'--checkpoint-dir {ck} is a file; give a folder')
+
+
 def _fit(args) -> int:
     _check_data_args(args)
+    _check_long_run_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
@@ -250,8 +267,25 @@ def _fit(args) -> int:
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
-    if args.one_cycle: learn.fit_one_cycle(args.epochs, lr)
-    else: learn.fit(args.epochs, lr=lr)
+    resume, ck, stop = None, args.checkpoint_dir, None
+    if args.early_stop is not None:
+        from .callbacks import EarlyStoppingCB
+        learn.add_cb(stop := EarlyStoppingCB(patience=args.early_stop))
+    if ck is not None:
+        from .callbacks import CheckpointCB
+        from .state import newest_checkpoint
+        learn.add_cb(CheckpointCB(ck, every_batches=args.every_batches))
+        newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
+        if newest is not None: resume = ck; print(f'resuming from {newest}')
+        elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
+    try:
+        if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, resume=resume)
+        else: learn.fit(args.epochs, lr=lr, resume=resume)
+    except KeyboardInterrupt:
+        if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
+        raise
+    if stop is not None and stop.stopped_epoch is not None:
+        print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
     learn.plot_metrics(out / 'loss.png')
     print(f'valid: {_last_valid(learn)}')
     print(f'run folder: {out} (loss.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
@@ -262,7 +296,7 @@ def _lr_find(args) -> int:
     _check_data_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args.out, 'lr-find')
-    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs)
+    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, gamma=args.lr_mult, max_epochs=args.max_epochs)
     print('suggested lr: none (the loss shows no clear descent: see the plot)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
     return 0

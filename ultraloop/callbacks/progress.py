@@ -30,6 +30,7 @@ class ProgressCB(Callback):
     `plot=True` draws the train loss samples and each phase's mean loss: live in a notebook, saved to `path`
     (default `progress.png`) after fit elsewhere. Under several processes only the main one shows and draws."""
     order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
+    _mbar = _bar = None  # the epochs and batch bars, made at the first phase
 
     def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
         check_number('ProgressCB: refresh (seconds between loss reads)', refresh, ge=0)
@@ -40,6 +41,15 @@ class ProgressCB(Callback):
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
         self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
+
+    @property
+    def mbar(self):
+        """The epochs bar (a tqdm bar, where the course's fastprogress has a master_bar), from the first phase on:
+        subclasses may attach their own state to it. The batch bar of the current phase is `self.pbar`."""
+        return self._mbar
+
+    @property
+    def pbar(self): return self._bar
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
