@@ -5,16 +5,18 @@ import contextlib
 import io
 import json
 import os
+import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ultraloop import (AccelerateCB, Callback, CSVLoggerCB, DataLoaders, DistributedCB, GradientAccumulationCB, Learner,
-                       MetricsCB, ProgressCB, TrainCB)
+from ultraloop import (AccelerateCB, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, DistributedCB, GradientAccumulationCB,
+                       Learner, MetricsCB, ProgressCB, TrainCB)
 
 N_TRAIN, N_VALID, N_IN, N_OUT = 100, 101, 8, 3  # 101: 51 and 50 on two ranks
 
@@ -44,7 +46,8 @@ def metrics(torchmetrics: bool) -> MetricsCB:
 def learner(bs: int, model_seed: int = 0, cbs=(), dls=None, step=None, torchmetrics=False) -> Learner:
     """The set-up every scenario shares; `step` provides the step methods (default TrainCB())."""
     dls = dls or DataLoaders.from_tensors(*data(), bs=bs, seed=1)
-    return Learner(model(model_seed), dls, F.cross_entropy, lr=0.1, cbs=[step or TrainCB(), metrics(torchmetrics), *cbs])
+    return Learner(model(model_seed), dls, F.cross_entropy, lr=0.1, cbs=[step or TrainCB(), metrics(torchmetrics), *cbs],
+                   opt_func=partial(torch.optim.SGD, momentum=0.9))  # momentum: an optimiser state to save and load
 
 
 def torch_loaders(bs: int, n_train=N_TRAIN - 1):
@@ -129,13 +132,22 @@ class OwnMean:
 
 
 def fsdp(out: Path, rank: int) -> dict:
+    """As ddp, sharded; then a saved state (weights gathered to rank 0, written by it) loaded back goes on exactly."""
     learn = learner(16, model_seed=rank, cbs=[DistributedCB('fsdp')], torchmetrics=True)
     with captured():
         learn.fit(1, train=False)
         first = learn.metrics.history
         learn.fit(2)
-    return {'valid_only': first, 'history': learn.metrics.history, 'params': flat_params(learn.model),
-            'keys': list(learn.model.state_dict())}
+        res = {'valid_only': first, 'history': learn.metrics.history, 'params': flat_params(learn.model),
+               'keys': list(learn.model.state_dict())}
+        learn.save_state(out / 'fsdp-state.pt')
+        learn.fit(1)
+        res['on'] = flat_params(learn.model)
+        learn.load_state(out / 'fsdp-state.pt')
+        res['loaded'] = flat_params(learn.model)
+        learn.fit(1)
+        res['on_again'] = flat_params(learn.model)
+    return res
 
 
 def accumulate(out: Path, rank: int) -> dict:
@@ -174,10 +186,39 @@ def accelerate(out: Path, rank: int) -> dict:
             'printed': printed.getvalue(), 'world_size': learn.world_size}
 
 
+def checkpointed(folder: Path, rank: int, *cbs) -> Learner:
+    """The set-up of the kill-and-resume scenarios: a checkpoint every 2 train batches (each rank has 4 per epoch)."""
+    return learner(16, model_seed=rank, cbs=[DistributedCB(), CheckpointCB(folder, every_batches=2, keep=9), *cbs])
+
+
 def machines(out: Path, rank: int) -> dict:
-    learn = learner(16, model_seed=rank, cbs=[DistributedCB()])
-    with captured(): learn.fit(1)
+    """Uninterrupted: what the killed run, resumed, must end with."""
+    learn = checkpointed(out / 'ckpt-full', rank)
+    with captured(): learn.fit(2)
     return {'history': learn.metrics.history, 'params': flat_params(learn.model)}
+
+
+class KillAt(Callback):
+    """Rank `rank` is killed (SIGKILL: no cleanup, no exception) before train batch `it` of epoch `epoch`."""
+    def __init__(self, rank: int, epoch: int, it: int): self.rank, self.epoch, self.it = rank, epoch, it
+
+    def before_batch(self, learn):
+        if learn.training and learn.rank == self.rank and (learn.epoch, learn.iter) == (self.epoch, self.it):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill(out: Path, rank: int) -> dict:
+    learn = checkpointed(out / 'ckpt', rank, KillAt(1, 1, 3))  # the newest checkpoint is then epoch 1, train batch 2
+    learn.fit(2)
+    return {}
+
+
+def resume(out: Path, rank: int) -> dict:
+    from ultraloop.state import newest_checkpoint
+    learn = checkpointed(out / 'ckpt', rank)
+    start = newest_checkpoint(out / 'ckpt').name
+    with captured(): learn.fit(2, resume=out / 'ckpt')
+    return {'history': learn.metrics.history, 'params': flat_params(learn.model), 'from': start}
 
 
 def fail(out: Path, rank: int) -> dict:
@@ -186,7 +227,7 @@ def fail(out: Path, rank: int) -> dict:
     return {}
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp, accumulate, dataloader, cli, accelerate, machines, fail)}
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp, accumulate, dataloader, cli, accelerate, machines, kill, resume, fail)}
 
 if __name__ == '__main__':
     torch.set_num_threads(1)

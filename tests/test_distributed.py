@@ -26,7 +26,7 @@ from ultraloop.data import n_counted, shard
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(child.__file__)
 TIMEOUT = 240  # a launch that has not ended by then hangs
-LAUNCH = {'one': 'one', 'two': 'node0'}  # the launch writing into each folder
+LAUNCH = {'one': 'one', 'two': 'three'}  # the (last) launch writing into each folder
 
 
 def free_port() -> int:
@@ -54,26 +54,35 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('dist')
     dirs = {k: tmp / k for k in ('one', 'two')}
     for d in dirs.values(): d.mkdir()
-    e, p_one, p_two = env(tmp), free_port(), free_port()
+    e, p_one, p_two, p_three = env(tmp), free_port(), free_port(), free_port()
     cmds = {
         'one': [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                 '--num_machines', '1', '--main_process_ip', '127.0.0.1', '--main_process_port', str(p_one),
                 '--mixed_precision', 'no', '--dynamo_backend', 'no', str(CHILD), str(dirs['one']),
                 'ddp', 'fsdp', 'accumulate', 'dataloader', 'cli', 'accelerate'],
         'node0': torchrun('--nnodes', '2', '--node-rank', '0', '--nproc-per-node', '1', '--master-port', str(p_two),
-                          str(CHILD), str(dirs['two']), 'machines', 'fail'),
+                          str(CHILD), str(dirs['two']), 'machines', 'kill'),
         'node1': torchrun('--nnodes', '2', '--node-rank', '1', '--nproc-per-node', '1', '--master-port', str(p_two),
-                          str(CHILD), str(dirs['two']), 'machines', 'fail'),
+                          str(CHILD), str(dirs['two']), 'machines', 'kill'),
+        # after the two machines' run was killed: new processes resume it, then a rank raises
+        'three': torchrun('--nproc-per-node', '2', '--master-port', str(p_three), str(CHILD), str(dirs['two']),
+                          'resume', 'fail'),
     }
     logs = {k: tmp / f'{k}.log' for k in cmds}
-    procs = {}
+    procs, ended = {}, {}
+
+    def start(k):
+        with open(logs[k], 'w') as f: procs[k] = subprocess.Popen(cmds[k], cwd=tmp, env=e, stdout=f, stderr=subprocess.STDOUT)
+
+    def wait(k):
+        procs[k].wait(timeout=TIMEOUT)
+        ended[k] = time.time()
     try:
-        for k, c in cmds.items():
-            with open(logs[k], 'w') as f: procs[k] = subprocess.Popen(c, cwd=tmp, env=e, stdout=f, stderr=subprocess.STDOUT)
-        ref, ended = one_process_reference(), {}
-        for k, p in procs.items():
-            p.wait(timeout=TIMEOUT)
-            ended[k] = time.time()
+        for k in ('one', 'node0', 'node1'): start(k)
+        ref = one_process_reference()
+        for k in ('node0', 'node1'): wait(k)
+        start('three')
+        for k in ('three', 'one'): wait(k)
     finally:
         for p in procs.values():
             if p.poll() is None: p.kill()
@@ -105,9 +114,6 @@ def one_process_reference() -> dict:
             learn.fit(2)
         ref['history'], ref['params'] = learn.metrics.history, child.flat_params(learn.model)
         ref['keys'] = list(learn.model.state_dict())
-        learn = child.learner(32)
-        with child.captured(): learn.fit(1)
-        ref['one_epoch'], ref['one_epoch_params'] = learn.metrics.history, child.flat_params(learn.model)
         steps = child.StepCount()
         learn = child.learner(32, cbs=[steps, GradientAccumulationCB(2)])
         with child.captured(): learn.fit(2)
@@ -166,6 +172,14 @@ def test_a_metric_that_cannot_be_summed_over_processes_is_refused(runs):
                                                 'processes')
 
 
+def test_fsdp_state_saved_by_rank0_loads_back_and_goes_on_exactly(runs):
+    r0, r1 = runs.load('one', 'fsdp')
+    for r in (r0, r1): assert r['loaded'] == r['params'] and r['on_again'] == r['on'] != r['params']
+    learn = child.learner(32)  # and in one process, unsharded
+    learn.load_state(runs.dirs['one'] / 'fsdp-state.pt')
+    assert child.flat_params(learn.model) == r0['params']
+
+
 def test_fsdp_matches_one_process(runs, reference):
     r0, r1 = runs.load('one', 'fsdp')
     assert r0['params'] == r1['params'] and r0['keys'] == reference['keys']
@@ -202,19 +216,39 @@ def test_cli_fit_under_torchrun_trains_with_distributed_cb_and_only_rank0_prints
     assert 'data: digits (1,438 train, 359 valid' in r0['printed']
 
 
-# ---- two machines on loopback, and a failure -----------------------------------------------------------------------
+# ---- two machines on loopback, a kill and a resume, and a failure ---------------------------------------------------
 def test_two_machines_on_loopback_give_the_single_process_metrics(runs, reference):
     r0, r1 = runs.load('two', 'machines')
     assert r0['params'] == r1['params']
-    same_params(r0['params'], reference['one_epoch_params'])
-    for r in (r0, r1): same_rows(r['history'], reference['one_epoch'])
+    same_params(r0['params'], reference['params'])
+    for r in (r0, r1): same_rows(r['history'], reference['history'])
+
+
+def test_a_run_killed_mid_epoch_resumes_in_new_processes_exactly(runs):
+    # rank 1 was SIGKILLed before epoch 1's train batch 3; both machines' launches ended with an error
+    assert runs.rc['node0'] != 0 and runs.rc['node1'] != 0
+    done = runs.load('two', 'machines')
+    for r, d in zip(runs.load('two', 'resume'), done):
+        assert r['from'] == 'checkpoint-000003-epoch1-train2.pt'  # mid-epoch: partial metric sums, momentum, RNGs
+        assert r['params'] == d['params'] and r['history'] == d['history']  # bit for bit, each rank its own parts
+
+
+def test_a_checkpoint_of_two_processes_loads_in_one(runs, reference):
+    from ultraloop import CheckpointCB
+    from ultraloop.state import newest_checkpoint
+    learn = child.learner(32, cbs=[CheckpointCB(runs.dirs['two'] / 'unused')])  # the stateful callbacks it was saved with
+    learn.load_state(newest_checkpoint(runs.dirs['two'] / 'ckpt-full'))
+    d0, _ = runs.load('two', 'machines')
+    assert child.flat_params(learn.model) == d0['params']
+    with child.captured(): learn.fit(1, train=False)
+    same_rows(learn.metrics.history, [{**d0['history'][-1], 'epoch': 0}])
 
 
 def test_a_rank_raising_mid_epoch_ends_the_run_with_an_error_not_a_hang(runs):
-    assert runs.rc['node0'] != 0 and runs.rc['node1'] != 0
-    assert 'RuntimeError: rank 1 fails at batch 2' in runs.out['node1']
+    assert runs.rc['three'] != 0
+    assert 'RuntimeError: rank 1 fails at batch 2' in runs.out['three']
     failed_at = float((runs.dirs['two'] / 'failed-at').read_text())
-    assert max(runs.ended['node0'], runs.ended['node1']) - failed_at < 60
+    assert runs.ended['three'] - failed_at < 60
 
 
 # ---- accelerate launch -------------------------------------------------------------------------------------------

@@ -365,8 +365,10 @@ class Learner:
         state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr))
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole)."""
-        state.save_file(self.state_dict(), path)
+        """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole). Under several processes
+        every one must call it (the state is gathered); the main one writes."""
+        sd = self.state_dict()
+        if self.is_main: state.save_file(sd, path)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Read a state saved by `save_state` or CheckpointCB (with `torch.load(weights_only=True)`: a file holding any

@@ -165,17 +165,90 @@ def learner_state(learn) -> dict:
     """Everything a run needs to go on exactly as it would have: weights and buffers, gradients (MomentumLearner and an
     open accumulation window keep them), the optimiser, each callback's `state_dict()` (in `learn.cbs` order, with its
     class), the loaders, the RNGs and where the loop is. Its tensors are the live ones, as in torch's own state dicts:
-    save it or copy it before training on."""
-    model, opt = learn.model, learn.opt
-    return {
+    save it or copy it before training on.
+
+    Under several processes it is a collective (every process calls it, at the same point): what each process holds
+    its own of (gradients, callbacks' states such as a phase's partial metric sums, loaders, RNGs) is gathered to the
+    main process, which gets it under `ranks` (one entry per rank; the top-level entries are its own); an FSDP model's
+    weights and optimiser are gathered whole to the main process, keyed as a plain model's, so the state loads in any
+    number of processes."""
+    model, opt, fsdp = learn.model, learn.opt, _fsdp(learn.model)
+    weights, opt_state = _fsdp_full_state(model, opt) if fsdp else (model.state_dict(), _opt_state(opt))
+    sd = {
         'format': FORMAT, 'version': VERSION, 'position': position(learn),
-        'model': model.state_dict(),
-        'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-        'opt': opt.state_dict() if opt is not None else None,
+        'model': weights,
+        # FSDP keeps a window's accumulated gradients inside its own state, not in .grad: none are saved
+        'grads': {} if fsdp else {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        'opt': opt_state,
         'callbacks': [[type(cb).__name__, cb.state_dict()] for cb in _stateful_cbs(learn)],
         'loaders': {nm: loader_state(_phase_loader(learn, nm)) for nm in ('train', 'valid')},
         'rng': rng_state(),
     }
+    procs = _processes()
+    if procs is not None:
+        mine = cpu_copy({**{k: sd[k] for k in _PER_RANK}, 'phase_start': sd['position']['phase_start']})
+        got = [None] * procs[1] if procs[0] == 0 else None
+        import torch.distributed as dist
+        dist.gather_object(mine, got, dst=0)
+        if got is not None: sd['ranks'] = got
+    return sd
+
+
+def _opt_state(opt): return opt.state_dict() if opt is not None else None
+
+
+# ---- several processes ----------------------------------------------------------------------------------------------
+_PER_RANK = ('grads', 'callbacks', 'loaders', 'rng')  # what each process holds its own of (and where its phase began)
+
+
+def _processes() -> tuple[int, int] | None:
+    """(rank, world size) in a process group of more than one process, else None."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def own_parts(sd: dict, rank: int, world_size: int) -> dict:
+    """`sd` with process `rank`'s own parts (its entry of `ranks`) in place of the main process's; a state saved by
+    another number of processes (or by one) keeps the main process's."""
+    ranks = sd.get('ranks')
+    if ranks is None or world_size == 1 or len(ranks) != world_size: return sd
+    mine = ranks[rank]
+    return {**sd, **{k: mine[k] for k in _PER_RANK}, 'position': {**sd['position'], 'phase_start': mine['phase_start']}}
+
+
+def _fsdp(model) -> bool:
+    fsdp = sys.modules.get('torch.distributed.fsdp')  # imported by whoever sharded the model
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def _fsdp_full_state(model, opt) -> tuple[dict, dict | None]:
+    """An FSDP model's weights and its optimiser's state, gathered whole onto the main process's CPU (a collective; the
+    other processes get empty dicts), the optimiser's keyed by parameter number as a plain model's is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if opt is None: return weights, None
+    by_name = get_optimizer_state_dict(model, opt, options=options)
+    if not by_name: return weights, {}
+    ids = {nm: i for i, nm in enumerate(nm for g in by_name['param_groups'] for nm in g['params'])}
+    return weights, {'state': {ids[nm]: v for nm, v in by_name['state'].items()},
+                     'param_groups': [{**g, 'params': [ids[nm] for nm in g['params']]} for g in by_name['param_groups']]}
+
+
+def _load_fsdp(model, opt, weights: dict, opt_state: dict | None) -> None:
+    """Load whole weights and a plain optimiser state (every process holds them) into an FSDP model and its optimiser:
+    each process keeps its shard (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if opt is None or opt_state is None: return
+    name = {id(p): nm for nm, p in model.named_parameters()}
+    names = [name[id(p)] for g in opt.param_groups for p in g['params']]
+    by_name = {'state': {names[i]: v for i, v in opt_state['state'].items()},
+               'param_groups': [{**g, 'params': [names[i] for i in g['params']]} for g in opt_state['param_groups']]}
+    set_optimizer_state_dict(model, opt, by_name, options=options)
 
 
 def check_state(learn, sd, what: str) -> None:
@@ -196,6 +269,10 @@ def check_state(learn, sd, what: str) -> None:
 def load_model_and_opt(learn, sd: dict, create_opt=None) -> None:
     """Weights, gradients and optimiser, onto the model's devices."""
     model = learn.model
+    if _fsdp(model):
+        if sd['opt'] is not None and learn.opt is None and create_opt is not None: create_opt()
+        _load_fsdp(model, learn.opt, sd['model'], sd['opt'])
+        return
     model.load_state_dict(sd['model'])
     grads = sd['grads']
     for n, p in model.named_parameters():
@@ -218,8 +295,9 @@ def load_loaders(learn, sd: dict) -> None:
 
 def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None) -> None:
     """Put back what `learner_state` captured, outside a fit: weights, gradients, optimiser, callbacks, loaders, RNGs.
-    Where the loop was is used only by `fit(resume=...)`."""
+    Where the loop was is used only by `fit(resume=...)`. Each process takes its own parts (see `learner_state`)."""
     check_state(learn, sd, what)
+    sd = own_parts(sd, learn.rank, learn.world_size)
     load_model_and_opt(learn, sd, create_opt)
     load_callbacks(learn, sd)
     load_loaders(learn, sd)
@@ -255,7 +333,9 @@ class Resume:
         self.sd, self.pos, self.pending = sd, pos, pos['in_phase']
 
     def start(self, learn) -> tuple[int, str]:
-        sd = self.sd
+        # this process's own parts: known now, after before_fit (DistributedCB) made the process group
+        self.sd = sd = own_parts(self.sd, learn.rank, learn.world_size)
+        self.pos = sd['position']
         load_model_and_opt(learn, sd)
         load_loaders(learn, sd)
         if not self.pending:

@@ -50,6 +50,9 @@ class AccelerateCB(TrainCB):
         slots = [(learn, 'model'), (learn, 'opt')] + ([] if self._several else [(dls, 'train'), (dls, 'valid')])
         todo = [(o, nm) for o, nm in slots
                 if getattr(o, nm, None) is not None and not any(getattr(o, nm) is p for p in self._prepared)]
+        if self._several:
+            self._shards = Shards(even_valid=True)
+            self._shards.start(learn)
         if not todo: return
         out = self.acc.prepare(*(getattr(o, nm) for o, nm in todo))
         if any(o is dls for o, _ in todo): learn.dls = copy.copy(dls)  # the user's DataLoaders keep their own loaders
@@ -59,7 +62,6 @@ class AccelerateCB(TrainCB):
 
     def before_epoch(self, learn):
         if not self._several: return
-        if self._shards is None: self._shards = Shards(even_valid=True)
         self._shards.before_epoch(learn)
         self._move = self.acc.device.type != 'cpu'
         self._ddp = isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
@@ -69,7 +71,9 @@ class AccelerateCB(TrainCB):
         if self._move: learn.batch = to_device(learn.batch, self.acc.device, non_blocking=True)
         if self._ddp and learn.training: learn.model.require_backward_grad_sync = learn.sync_grads
 
-    def cleanup_fit(self, learn): self._shards = None
+    def cleanup_fit(self, learn):
+        if self._shards is not None: self._shards.end(learn)
+        self._shards = None
 
     def backward(self, learn): self.acc.backward(learn.loss)
 

@@ -18,7 +18,9 @@ class CheckpointCB(MonitorCB):
     `mode` 'min' or 'max') the best epoch-end one, `best_path`; `last_path` is the newest. A file is
     `checkpoint-<n>-epoch<e>-<phase><batch>.pt`, `n` counting up, written into a temporary file that is renamed into
     place (a crash never leaves a half checkpoint), and read back with `torch.load(weights_only=True)`.
-    `learn.fit(n, resume=dir)` continues from the newest. Only the main process of a distributed run writes."""
+    `learn.fit(n, resume=dir)` continues from the newest. Under several processes every process takes part in each
+    save (the state is gathered: see `state.learner_state`) and the main one writes; every process resumes from the
+    file, each taking its own parts."""
     order = 50  # after the callbacks that change state in a batch (cleanup_batch included), so it saves what they did
 
     def __init__(self, dir: str | os.PathLike = 'checkpoints', every_batches: int | None = None, keep: int = 2,
@@ -33,12 +35,15 @@ class CheckpointCB(MonitorCB):
         self.last_path: Path | None = None
         self._seq = self._batches = 0
         self._due = self._new_best = False
+        self._main = True
 
     def before_fit(self, learn):
         super().before_fit(learn)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.dir.glob('.checkpoint-*.tmp'): tmp.unlink(missing_ok=True)  # left by a crash during a write
-        seqs = [s for p in self.dir.iterdir() if (s := state.checkpoint_seq(p)) is not None]
+        self._main = learn.is_main  # under several processes every one takes part in a save; the main one writes
+        if self._main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.dir.glob('.checkpoint-*.tmp'): tmp.unlink(missing_ok=True)  # left by a crash during a write
+        seqs = [s for p in self.dir.iterdir() if (s := state.checkpoint_seq(p)) is not None] if self.dir.is_dir() else []
         self._seq = max(seqs, default=-1) + 1  # numbered after what the folder holds, so the newest is this run's
         self.files, self.best_path, self.last_path, self._batches, self._due, self._new_best = [], None, None, 0, False, False
 
@@ -60,7 +65,6 @@ class CheckpointCB(MonitorCB):
 
     def _save(self, learn) -> None:
         self._due = False
-        if not getattr(learn, 'is_main', True): return
         path = self.dir / state.checkpoint_name(self._seq, state.position(learn))
         self._seq += 1
         self.files.append(path.name)
@@ -69,7 +73,9 @@ class CheckpointCB(MonitorCB):
         drop = [f for f in self.files if f not in keep and (self.best_path is None or f != self.best_path.name)]
         self.files = [f for f in self.files if f not in drop]
         self.last_path = path
-        state.save_file(learn.state_dict(), path)  # holds this callback's state as it is now, this file counted
+        sd = learn.state_dict()  # holds this callback's state as it is now, this file counted (every process: a collective)
+        if not self._main: return
+        state.save_file(sd, path)
         for f in drop: (self.dir / f).unlink(missing_ok=True)
 
     def state_dict(self) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 from collections import defaultdict
 from datetime import timedelta
@@ -97,10 +98,11 @@ class DistributedCB(Callback):
         self.wrapper = None  # the DDP wrapper during a fit, or the FSDP-sharded model
         self.device = torch.device('cpu')
         self._on = self._made_group = False
+        self._shards = None
 
     # ---- fit: group, device, wrapper ----------------------------------------------------------------------------
     def before_fit(self, learn):
-        self._on, self._made_group, self._routed = False, False, False
+        self._on, self._made_group, self._routed, self._shards = False, False, False, None
         if not dist.is_initialized():
             if not launched(): return  # one process: nothing to do
             if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
@@ -115,6 +117,7 @@ class DistributedCB(Callback):
         m.to(self.device)
         # FSDP gathers parameters in every forward, so its validation shards need equal batch counts too
         self._shards = Shards(even_valid=self.strategy == 'fsdp')
+        self._shards.start(learn)
         if self.strategy == 'ddp': self._wrap_ddp(m)
         else: self._shard_fsdp(learn, m)
 
@@ -209,6 +212,7 @@ class DistributedCB(Callback):
             if self._routed: self._unroute()
             self.wrapper = self._inner = None
         if self._on and self._sync is False and self.strategy == 'fsdp': self.wrapper.set_requires_gradient_sync(True)
+        if self._shards is not None: self._shards.end(learn)
         self._shards = None
         if self._made_group: _destroy()
         self._on = self._made_group = False
@@ -217,26 +221,36 @@ class DistributedCB(Callback):
 
 
 class Shards:
-    """Gives each phase this process's share of its loader (`learn.dl`), cut once per fit by `ultraloop.data.shard`:
-    train shards even (equal batch counts on every rank), validation shards even only with `even_valid`. Before each
-    train phase every rank takes rank 0's shuffle state (a TensorLoader's generator) and a DistributedSampler its epoch,
-    so all draw the same permutation. Made at fit start, under a process group (its first call is a collective)."""
+    """This process's share of each loader for a fit: `start(learn)` (at fit start, under a process group: a collective)
+    puts a copy of `learn.dls` in its place whose train and valid loaders are cut by `ultraloop.data.shard` (train
+    shards even: equal batch counts on every rank; validation shards even only with `even_valid`), so the loop, and the
+    state a checkpoint holds, see the loaders the fit iterates; `end(learn)` puts the user's back. Before each train
+    phase every rank takes rank 0's shuffle state (a TensorLoader's generator) and a DistributedSampler its epoch, so
+    all draw the same permutation. A loader that cannot be cut fails when its phase starts, not in a phase unused."""
 
-    def __init__(self, even_valid: bool = False):
-        self.even_valid, self._cut = even_valid, {}
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.seed = _from_rank0(int(torch.initial_seed() % 2**63))  # DistributedSampler's seed: one for all ranks
+    def __init__(self, even_valid: bool = False): self.even_valid, self._dls, self._errors = even_valid, None, {}
+
+    def start(self, learn) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        seed = _from_rank0(int(torch.initial_seed() % 2**63))  # DistributedSampler's seed: one for all ranks
+        self._dls, dls = learn.dls, copy.copy(learn.dls)
+        for nm, even in (('train', True), ('valid', self.even_valid)):
+            dl = getattr(dls, nm, None)
+            try: setattr(dls, nm, shard(dl, rank, world, even=even, seed=seed))
+            except TypeError as e: self._errors[id(dl)] = e
+        learn.dls = dls
 
     def before_epoch(self, learn) -> None:
-        training, dl = learn.training, learn.dl
-        key = (id(dl), training)
-        if key not in self._cut:  # the original is kept with its share, so its id is not reused within the fit
-            self._cut[key] = dl, shard(dl, self.rank, self.world_size, even=training or self.even_valid, seed=self.seed)
-        learn.dl = dl = self._cut[key][1]
-        if not training: return
+        dl = learn.dl
+        if id(dl) in self._errors: raise self._errors[id(dl)]
+        if not learn.training: return
         if isinstance(dl, TensorLoader) and dl.shuffle: dl.generator.set_state(_from_rank0(dl.generator.get_state()))
         s = getattr(dl, 'sampler', None)
         if callable(getattr(s, 'set_epoch', None)): s.set_epoch(learn.epoch)
+
+    def end(self, learn) -> None:
+        if self._dls is not None: learn.dls, self._dls = self._dls, None
+        self._errors = {}
 
 
 def _from_rank0(obj):

@@ -250,7 +250,7 @@ class MetricsCB(Callback):
         s = {'history': [dict(r) for r in self.history], 'phase': None}
         if getattr(self, '_in_phase', False):
             total = self.loss.total
-            s['phase'] = {'loss': {'total': total, 'weight': self.loss.weight}, 'rows': self._rows.state(),
+            s['phase'] = {'loss': {'total': total, 'weight': self.loss.weight}, 'rows': self._rows.state(), 'left': self._left,
                           'device': str(total.device) if total is not None else 'cpu',
                           'metrics': {k: _metric_state(k, m) for k, m in self.metrics.items()}}
         return s
@@ -267,6 +267,7 @@ class MetricsCB(Callback):
         self._rows.load(ph['rows'], dev)
         for k, m in self.metrics.items(): _load_metric_state(m, ph['metrics'][k])
         self._device = None  # the next update moves the metrics, with the states just loaded, to the batches' device
+        self._left = ph.get('left')
         self._in_phase = True
 
     @property
