@@ -411,6 +411,11 @@ class Learner:
         return '\n'.join(lines)
 
 
+def main_process(learn) -> bool:
+    """`learn.is_main`; True for a learner written by hand without one (the seed's, miniai's), which runs alone."""
+    return getattr(learn, 'is_main', True)
+
+
 def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
 
 

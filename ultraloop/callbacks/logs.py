@@ -5,7 +5,7 @@ import csv
 import os
 from pathlib import Path
 
-from ..learner import Callback
+from ..learner import Callback, main_process
 from .metrics import MetricsCB, _metrics_cb
 
 __all__ = ['CSVLoggerCB', 'TensorBoardCB']
@@ -35,7 +35,7 @@ class CSVLoggerCB(Callback):
 
     def before_fit(self, learn):
         cols = _need_metrics(self, learn).columns
-        if not learn.is_main: return  # one writer: the main process
+        if not main_process(learn): return  # one writer: the main process
         old = self._header()
         if old is not None and old != cols:
             raise ValueError(f'{self.path} has the columns {old}, this run logs {cols}: pass another path to CSVLoggerCB')
@@ -71,7 +71,7 @@ class TensorBoardCB(Callback):
 
     def before_fit(self, learn):
         _need_metrics(self, learn)
-        if learn.is_main: self._writer = self._writer_cls(log_dir=str(self.log_dir))  # one writer: the main process
+        if main_process(learn): self._writer = self._writer_cls(log_dir=str(self.log_dir))  # one writer: the main process
 
     def log_metrics(self, learn, row: dict) -> None:
         if self._writer is None: return

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import n_counted
-from ..learner import Callback, Learner
+from ..learner import Callback, Learner, main_process
 from ..utils import map_tensors
 
 __all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
@@ -177,7 +177,7 @@ class MetricsCB(Callback):
         if _several():
             for m in self.metrics.values():
                 if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
-        self._main = learn.is_main  # only the main process prints
+        self._main = main_process(learn)  # only the main process prints
         ordered = sorted(learn.cbs, key=lambda cb: getattr(cb, 'order', 0))
         self._consumers = [cb.log_metrics for cb in ordered if cb is not self and callable(getattr(cb, 'log_metrics', None))]
         printers = [cb.print_metrics for cb in ordered if callable(getattr(cb, 'print_metrics', None))]
@@ -313,7 +313,7 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     m = getattr(learn, 'metrics', None)
     if not isinstance(m, MetricsCB) or not m.history:
         raise ValueError('no metrics to plot: fit with a MetricsCB first, e.g. learn.fit(1, cbs=[MetricsCB()])')
-    if not learn.is_main: return None  # one process draws
+    if not main_process(learn): return None  # one process draws
     keys = [k for k in m.all_metrics if all(isinstance(r.get(k), (int, float)) for r in m.history)]
     fig, axs = subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):

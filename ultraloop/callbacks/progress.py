@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..learner import Callback
+from ..learner import Callback, main_process
 from ..utils import check_number
 from ..plotting import in_notebook
 from .metrics import format_row
@@ -56,7 +56,7 @@ class ProgressCB(Callback):
         self.rows: list[dict] = []  # MetricsCB's rows of this fit, as handed to log_metrics
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
         self._started = True
-        self._on = learn.is_main  # the other processes show nothing
+        self._on = main_process(learn)  # the other processes show nothing
 
     def before_epoch(self, learn):
         if not self._on: return
