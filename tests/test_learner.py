@@ -330,7 +330,7 @@ def test_bad_n_epochs(n, exc, msg):
 
 def test_bad_lr_and_model():
     learn = TrainLearner(toy_model(), dls(), F.cross_entropy)
-    with pytest.raises(ValueError, match='lr must be a number >= 0'):
+    with pytest.raises(ValueError, match='lr must be a finite number >= 0'):
         learn.fit(1, lr=-1)
     with pytest.raises(TypeError, match='model must be a torch.nn.Module'):
         TrainLearner(lambda x: x, dls(), F.cross_entropy).fit(1)

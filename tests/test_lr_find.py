@@ -207,7 +207,7 @@ def test_bad_arguments_are_refused_and_change_nothing():
     learn = TrainLearner(dropout_model(), dls, F.mse_loss, lr=0.01, opt_func=sgd_mom)
     learn.fit(1)
     before = snapshot(learn)
-    for kw, msg in (({'start_lr': 0}, 'start_lr must be a number > 0'), ({'start_lr': 'a'}, 'start_lr must be'),
+    for kw, msg in (({'start_lr': 0}, 'start_lr must be a finite number > 0'), ({'start_lr': 'a'}, 'start_lr must be'),
                     ({'max_epochs': 0}, 'max_epochs must be an int >= 1'), ({'max_epochs': 1.5}, 'max_epochs must be'),
                     ({'lr_mult': 1}, 'lr_mult must be a number > 1'), ({'lr_mult': 0.5}, 'lr_mult must be')):
         with pytest.raises(ValueError, match=msg): learn.lr_find(plot=False, **kw)

@@ -157,7 +157,7 @@ def test_no_host_read_per_batch_one_per_metric_per_phase(capsys):
     m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'), seed_acc=EvalAccuracy())
     learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[DeviceCB('cpu'), m])
     with SyncCounter() as sc: learn.fit(1)
-    assert sc.count == 6, sc.reads  # accuracy, seed_acc, loss: each read once per phase
+    assert sc.count == 7, sc.reads  # accuracy, seed_acc, loss: each read once per phase; the train batches' losses once
 
 
 def test_bad_metrics_are_refused_at_construction():

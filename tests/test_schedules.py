@@ -170,7 +170,7 @@ def test_bad_schedules_are_refused():
         learn.fit(1, cbs=[EpochSchedCB(lr_scheduler.ReduceLROnPlateau)])
     assert learn.cbs == []
     learn.fit(1)  # still usable
-    for args, msg in (((0, 0.1), 'n_epochs must be an int >= 1'), ((1, 0), 'lr_max must be a number > 0'),
+    for args, msg in (((0, 0.1), 'n_epochs must be an int >= 1'), ((1, 0), 'lr_max must be a finite number > 0'),
                       ((1.5, 0.1), 'n_epochs must be'), ((1, -1), 'lr_max must be')):
         with pytest.raises(ValueError, match=msg): learn.fit_one_cycle(*args)
 

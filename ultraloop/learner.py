@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -82,6 +84,38 @@ def _check_callback(cb) -> None:
                              f'(name helper methods without a before_/after_/cleanup_ prefix)')
 
 
+def _check_lr(name: str, lr) -> None:
+    """A learning rate is a finite number >= 0: a string, NaN or inf would only show later as a torch error or a NaN loss."""
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f'{name} must be a number, got {type(lr).__name__} {lr!r}: pass e.g. {name}=0.1')
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f'{name} must be a finite number >= 0, got {lr!r}: pass e.g. {name}=0.1')
+
+
+def _check_loss_func(f) -> None:
+    if isinstance(f, type) and issubclass(f, nn.Module):
+        raise TypeError(f'loss_func is the class {f.__name__}; pass an instance, loss_func={f.__name__}()')
+    if isinstance(f, str):
+        hint = f'F.{f}' if callable(getattr(F, f, None)) else 'F.cross_entropy'
+        raise TypeError(f'loss_func is the string {f!r}; pass the function itself, e.g. loss_func={hint}')
+    if not callable(f):
+        raise TypeError(f'loss_func must be a function of (preds, targets) returning a scalar tensor, got '
+                        f'{type(f).__name__} {f!r}: pass e.g. loss_func=F.cross_entropy')
+
+
+def _check_opt_func(f) -> None:
+    if f is None: return
+    if isinstance(f, optim.Optimizer):
+        raise TypeError(f'opt_func is an optimiser instance ({type(f).__name__}); pass what builds one from (params, lr), '
+                        f'opt_func=torch.optim.{type(f).__name__}, or keep yours with opt_func=None and learn.opt = it')
+    if isinstance(f, str):
+        match = next((nm for nm in dir(optim) if nm.lower() == f.lower() and isinstance(getattr(optim, nm), type)), 'SGD')
+        raise TypeError(f'opt_func is the string {f!r}; pass the optimiser class, e.g. opt_func=torch.optim.{match}')
+    if not callable(f):
+        raise TypeError(f'opt_func must build an optimiser from (params, lr), got {type(f).__name__} {f!r}: pass e.g. '
+                        f'torch.optim.SGD or functools.partial(torch.optim.AdamW, weight_decay=0.01)')
+
+
 def _as_cbs(cbs) -> list:
     if cbs is None: return []
     if isinstance(cbs, (Callback, type, str, bytes, Mapping)) or not isinstance(cbs, Iterable): return [cbs]
@@ -101,8 +135,10 @@ class Learner:
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
                  cbs=None, opt_func: Callable | None = optim.SGD):
+        _check_loss_func(loss_func); _check_lr('lr', lr); _check_opt_func(opt_func)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.opt = None
+        self._stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
         self._opt_params: list[int] = []
         self.cbs: list = []
         self.add_cbs(cbs)
@@ -169,7 +205,13 @@ class Learner:
             self._check_steps(train)
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
             self._prepare_opt(self.lr if lr is None else lr)
-            self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)
+            if self._stale_grads: self._clear_grads()
+            try: self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)
+            except BaseException:
+                # the gradients stay for inspection; the next fit starts without them (a successful fit keeps them,
+                # as MomentumLearner needs)
+                self._stale_grads = True
+                raise
         finally:
             if cbs: self.rm_cbs(cbs)
 
@@ -199,9 +241,11 @@ class Learner:
         self._with_events(self._do_epoch, 'before_epoch', 'after_epoch', 'cleanup_epoch', CancelEpochException)
 
     def _do_epoch(self) -> None:
+        self.iter = -1
         for self.iter, self.batch in enumerate(self.dl):
             if self.iter == 0: self._check_batch()
             self._one_batch()
+        if self.iter < 0: raise self._no_batches(self.training, self.dl)
 
     def _one_batch(self) -> None:
         h = self._handlers  # the hot path: each handler loop is inlined, as a method call per event costs ~0.3 % of a small step
@@ -240,14 +284,23 @@ class Learner:
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int):
             raise TypeError(f'n_epochs must be an int, got {type(n_epochs).__name__} {n_epochs!r}')
         if n_epochs < 0: raise ValueError(f'n_epochs must be >= 0, got {n_epochs}')
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
-            raise ValueError(f'lr must be a number >= 0, got {lr!r}')
+        _check_lr('lr', self.lr if lr is None else lr)
         if not isinstance(self.model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module, got {type(self.model).__name__}')
         for phase, wanted in (('train', train), ('valid', valid)):
             if wanted and not hasattr(self.dls, phase):
                 raise TypeError(f'dls has no .{phase} ({type(self.dls).__name__} given): wrap your loaders as '
                                 f'DataLoaders(train_dl, valid_dl), or pass {phase}=False to fit')
+            if wanted and n_epochs and _len(dl := getattr(self.dls, phase)) == 0: raise self._no_batches(phase == 'train', dl)
+
+    def _no_batches(self, training: bool, dl) -> ValueError:
+        phase = 'train' if training else 'valid'
+        if isinstance(dl, Iterator):  # a generator: one pass, then empty
+            return ValueError(f'dls.{phase} yielded no batches in epoch {getattr(self, "epoch", 0)}: it is a '
+                              f'{type(dl).__name__}, which is used up after one pass; give a loader that can be iterated '
+                              f'again (a DataLoader, a list of batches, DataLoaders.from_tensors(...))')
+        return ValueError(f'dls.{phase} has no batches (its dataset is empty, or smaller than one batch with '
+                          f'drop_last=True): give it data, or pass {phase}=False to fit')
 
     def _check_steps(self, train: bool) -> None:
         for nm, providers in self._step_conflicts.items():
@@ -277,6 +330,10 @@ class Learner:
         if loss.ndim != 0:
             raise ValueError(f'learn.loss has shape {tuple(loss.shape)}; it must be a scalar: use a loss_func that '
                              f"reduces (reduction='mean') or call .mean() on it")
+
+    def _clear_grads(self) -> None:
+        for p in self.model.parameters(): p.grad = None
+        self._stale_grads = False
 
     def _prepare_opt(self, lr: float) -> None:
         """Create the optimiser on the first fit (or when the model's parameters changed); later fits keep its state
@@ -332,6 +389,11 @@ class Learner:
         hooks = _installed_hooks(self.model) if isinstance(self.model, nn.Module) else {}
         if hooks: lines += ['hooks:', *(f'  {who} on {", ".join(where)}' for who, where in hooks.items())]
         return '\n'.join(lines)
+
+
+def _len(dl) -> int | None:
+    try: return len(dl)
+    except TypeError: return None  # an iterable without a length (an IterableDataset's loader, a generator)
 
 
 def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:

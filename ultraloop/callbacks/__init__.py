@@ -19,10 +19,12 @@ from .precision import *  # noqa: F401,F403
 from .precision import __all__ as _precision
 from .progress import *  # noqa: F401,F403
 from .progress import __all__ as _progress
+from .safety import *  # noqa: F401,F403
+from .safety import __all__ as _safety
 from .schedule import *  # noqa: F401,F403
 from .schedule import __all__ as _schedule
 from .speed import *  # noqa: F401,F403
 from .speed import __all__ as _speed
 
 __all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs, *_speed,
-           *_accel]
+           *_accel, *_safety]

@@ -88,19 +88,34 @@ def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None = None,
                  path: str | os.PathLike | None = None):
-    """Loss against lr on a log axis, the suggestion marked; inline in a notebook, else saved to `path`
-    (default lr_find.png). Returns the PNG's path, or None."""
+    """Loss against lr on a log axis, the suggestion marked (or "no suggestion" written on the plot); inline in a
+    notebook, else saved to `path` (default lr_find.png). Returns the PNG's path, or None."""
     from ..plotting import get_plt, show_or_save
     plt = get_plt()
+    return show_or_save(_lr_find_figure(plt, lrs, losses, suggestion), path, 'lr_find.png')
+
+
+def _lr_find_figure(plt, lrs: list[float], losses: list[float], suggestion: float | None):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')
     ax.set_ylabel('loss')
+    finite = [v for v in losses if math.isfinite(v)]
+    if finite:
+        # the y range of the part before the loss diverges: the final blow-up would otherwise flatten the descent
+        # the suggestion is read from
+        i_min = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
+        lo, hi = min(finite), max(v for v in losses[:i_min + 1] if math.isfinite(v))
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
     if suggestion is not None:
         ax.axvline(suggestion, color='red', linestyle='--', label=f'suggested lr {suggestion:.2e}')
         ax.legend()
-    return show_or_save(fig, path, 'lr_find.png')
+    else:
+        ax.text(0.5, 0.95, 'no suggestion: the loss shows no clear descent', transform=ax.transAxes, ha='center',
+                va='top', color='red')
+    return fig
 
 
 def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
@@ -110,8 +125,8 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
     Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
     (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
     fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
-    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not start_lr > 0:
-        raise ValueError(f'lr_find: start_lr must be a number > 0, got {start_lr!r}')
+    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not 0 < start_lr < math.inf:
+        raise ValueError(f'lr_find: start_lr must be a finite number > 0, got {start_lr!r}')
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
     if not isinstance(learn.model, torch.nn.Module):

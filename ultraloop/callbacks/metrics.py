@@ -1,6 +1,7 @@
 """Metrics and the loss accumulated on the batch's device and read once per epoch phase (MetricsCB), and their plot."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from copy import copy
@@ -51,7 +52,8 @@ def _fmt(v) -> str:
 class MetricsCB(Callback):
     """Tracks metric objects (anything with `update`/`compute`/`reset`: torchmetrics, torcheval) and the loss, a
     sample-weighted mean, over each train and valid phase; `_log` gets the seed's dict once per phase, `history` the
-    numbers. Nothing is read from the device per batch: predictions and targets are kept (detached) on the device and
+    numbers, `batch_losses` each training batch's loss as (epochs trained, loss), for the plot. It warns once per fit
+    when a phase's mean loss is NaN or inf. Nothing is read from the device per batch: predictions and targets are kept (detached) on the device and
     handed to the metrics in one `update` per chunk, when `buffer_bytes` is reached and at the phase end. For metrics
     that accumulate over samples (accuracy, F1, MSE, AUROC, ...: the classification and regression metrics of torchmetrics
     and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value depends on how the
@@ -74,19 +76,20 @@ class MetricsCB(Callback):
         self.all_metrics = copy(metrics)
         self.all_metrics['loss'] = self.loss = _WeightedMean()
         self.history: list[dict] = []
+        self.batch_losses: list[tuple[float, float]] = []
         self._device = None
 
     def _log(self, d: dict) -> None: print(d)
 
     def before_fit(self, learn):
         learn.metrics = self
-        self.history, self._device = [], None
+        self.history, self.batch_losses, self._device, self._warned = [], [], None, False
         # a step that writes its outputs into the same tensors every batch (CUDA graphs) says so: copy them
         self._clone = getattr(learn, 'reuses_outputs', False) or any(getattr(cb, 'reuses_outputs', False) for cb in learn.cbs)
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._ps, self._ys, self._nbytes, self._ptrs = [], [], 0, None
+        self._ps, self._ys, self._nbytes, self._ptrs, self._losses = [], [], 0, None, []
 
     def after_batch(self, learn):
         try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
@@ -94,6 +97,7 @@ class MetricsCB(Callback):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
         self.loss.update(learn.loss, len(y))
+        if learn.training: self._losses.append(learn.loss.detach())  # kept on the device: read once, at the phase end
         if self.metrics: self._add(learn.preds, y)
 
     def _add(self, p, y) -> None:
@@ -143,6 +147,15 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.training else 'eval'
         self.history.append(row)
+        if self._losses:
+            n, losses = len(self._losses), torch.stack(self._losses).tolist()  # one read per train phase
+            self.batch_losses += [(learn.epoch + (i + 1) / n, v) for i, v in enumerate(losses)]
+            self._losses = []
+        if not self._warned and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
+            self._warned = True
+            warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
+                          f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
+                          f'stops a fit at the first such batch)', stacklevel=2)
         self._log({k: _fmt(v) if k in self.all_metrics else v for k, v in row.items()})
 
     @property
@@ -155,9 +168,20 @@ def _metrics_cb(learn) -> MetricsCB | None:
     return next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
 
 
+def _plot_phase_means(ax, history: list[dict], key: str) -> None:
+    """Each phase's `key` from MetricsCB rows, train and eval as two lines, drawn where the phase ended: epoch e's row
+    at e + 1 epochs trained (the x axis the per-batch losses share: batch i of n of epoch e is at e + (i + 1) / n)."""
+    for phase in ('train', 'eval'):
+        pts = [(r['epoch'] + 1, r[key]) for r in history if r['train'] == phase]
+        if pts: ax.plot(*zip(*pts), marker='o', label=f'{phase} (phase mean)' if key == 'loss' else phase)
+    ax.set_xlabel('epochs trained')
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
-    """Plot each metric of the last fit's `MetricsCB.history` against the epoch, train and eval phases as two lines:
-    inline in a notebook, else saved to `path` (default `metrics.png`). Returns the PNG's path, or None."""
+    """Plot each metric of the last fit's `MetricsCB.history` against the epochs trained, train and eval phases as two
+    lines, and each training batch's loss on the loss panel: inline in a notebook, else saved to `path` (default
+    `metrics.png`). Returns the PNG's path, or None."""
     from ..plotting import get_plt, show_or_save
     m = getattr(learn, 'metrics', None)
     if not isinstance(m, MetricsCB) or not m.history:
@@ -166,10 +190,8 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     plt = get_plt()
     fig, axs = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):
-        for phase in ('train', 'eval'):
-            rows = [r for r in m.history if r['train'] == phase]
-            if rows: ax.plot([r['epoch'] for r in rows], [r[k] for r in rows], marker='o', label=phase)
-        ax.set_title(k); ax.set_xlabel('epoch'); ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if k == 'loss' and m.batch_losses: ax.plot(*zip(*m.batch_losses), alpha=0.4, label='train (each batch)')
+        _plot_phase_means(ax, m.history, k)
+        ax.set_title(k); ax.legend()
     fig.tight_layout()
     return show_or_save(fig, path, 'metrics.png')

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from ..learner import Callback
 from ..plotting import in_notebook
-from .metrics import MetricsCB, _metrics_cb
+from .metrics import MetricsCB, _metrics_cb, _plot_phase_means
 
 __all__ = ['ProgressCB']
 
@@ -27,13 +28,17 @@ class ProgressCB(Callback):
     table printed as each phase completes (in place of its dicts). The loss shown is a host copy started `refresh`
     seconds earlier (non_blocking): at most one read per `refresh` seconds, none that waits for the device.
     `plot=True` draws the train loss samples and each phase's mean loss: live in a notebook, saved to `path`
-    (default `progress.png`) after fit elsewhere."""
+    (default `progress.png`) after fit elsewhere. `bars=None` shows bars only in a notebook or when stderr is a
+    terminal: redirected to a file, bars would be kilobytes of carriage returns, so each phase prints one line instead
+    (the table row, or without MetricsCB the phase's batch count, last loss and time)."""
     order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
 
-    def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None):
+    def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None,
+                 bars: bool | None = None):
         if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
             raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
-        self._tqdm, self.plot, self.refresh, self.path = _tqdm(), plot, refresh, path
+        if bars not in (None, True, False): raise ValueError(f'bars must be True, False or None (auto), got {bars!r}')
+        self._tqdm, self.plot, self.refresh, self.path, self.bars = _tqdm(), plot, refresh, path, bars
         if plot:
             from ..plotting import get_plt
             get_plt()  # a missing matplotlib fails here, not after the first epoch
@@ -47,13 +52,19 @@ class ProgressCB(Callback):
         self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
         if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
+        self._show_bars = self.bars if self.bars is not None else in_notebook() or sys.stderr.isatty()
         self._started = True
 
     def before_epoch(self, learn):
-        if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch')
-        self._mbar.update(learn.epoch - self._mbar.n)
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
-        self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
+        if not self._show_bars:
+            self._bar = _NoBar()
+        else:
+            # smoothing=0: the rate is epochs done over time elapsed; an average over the moments of the last two
+            # updates would take a short valid phase for a whole epoch
+            if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch', smoothing=0)
+            if learn.epoch > self._mbar.n: self._mbar.update(learn.epoch - self._mbar.n)
+            self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
         self._t0, self._next, self._n, self._pending = _clock(), 0.0, n, False  # a copy from the last phase is stale
 
     def after_batch(self, learn):
@@ -77,7 +88,8 @@ class ProgressCB(Callback):
             self._event = torch.Event(device=loss.device)
             self._event.record()
 
-    def after_epoch(self, learn): self._close_bar()
+    def after_epoch(self, learn):
+        if self._show_bars: self._close_bar()  # before MetricsCB's row is printed
 
     def _close_bar(self) -> None:
         if self._bar is not None: self._bar.close(); self._bar = None
@@ -92,11 +104,21 @@ class ProgressCB(Callback):
         self._tqdm.write(''.join(str(v).ljust(w) for v, w in zip(d.values(), widths)).rstrip())
 
     def cleanup_epoch(self, learn):
+        # no bar: an earlier callback's before_epoch failed, there is no phase to report
+        if not self._show_bars and self._metrics is None and self._bar is not None: self._write_phase_line(learn)
         self._close_bar()
         if self.plot and in_notebook(): self._draw(live=True)
 
+    def _write_phase_line(self, learn) -> None:
+        """Without bars and without MetricsCB's table: the phase's batches, last loss (one read) and time."""
+        n = self._bar.n
+        loss = learn.__dict__.get('loss')
+        shown = f', loss {loss.item():.4f}' if n and isinstance(loss, torch.Tensor) else ''
+        phase = 'train' if learn.training else 'valid'
+        self._tqdm.write(f'{phase} epoch {learn.epoch}: {n} batch{"" if n == 1 else "es"}{shown}, {_mmss(_clock() - self._t0)}')
+
     def after_fit(self, learn):
-        if self._mbar is not None: self._mbar.update(learn.n_epochs - self._mbar.n)
+        if self._mbar is not None and learn.n_epochs > self._mbar.n: self._mbar.update(learn.n_epochs - self._mbar.n)
 
     def cleanup_fit(self, learn):
         if not self._started: return  # an earlier callback's before_fit failed: let its error through untouched
@@ -118,14 +140,21 @@ class ProgressCB(Callback):
         return None
 
 
+class _NoBar:
+    """What ProgressCB updates in place of a bar when it shows none: counts the batches."""
+    def __init__(self): self.n = 0
+
+    def update(self, n: int = 1) -> None: self.n += n
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None: pass
+    def close(self) -> None: pass
+
+
 def _loss_figure(plt, samples: list[tuple[float, float]], history: list[dict]):
     """The train loss as sampled for the display, and each phase's mean loss at the end of its epoch."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if samples: ax.plot(*zip(*samples), alpha=0.5, label='train (samples)')
-    for ph in ('train', 'eval'):
-        pts = [(r['epoch'] + 1, r['loss']) for r in history if r['train'] == ph]
-        if pts: ax.plot(*zip(*pts), marker='o', label=f'{ph} (phase mean)')
-    ax.set_xlabel('epoch'); ax.set_ylabel('loss')
+    _plot_phase_means(ax, history, 'loss')
+    ax.set_ylabel('loss')
     if samples or history: ax.legend()
     return fig
 

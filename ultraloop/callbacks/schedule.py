@@ -1,6 +1,7 @@
 """Learning-rate schedules: torch.optim.lr_scheduler stepped per batch or per epoch, and fit_one_cycle."""
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
@@ -82,8 +83,8 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...). Returns the schedule callback."""
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
         raise ValueError(f'fit_one_cycle: n_epochs must be an int >= 1, got {n_epochs!r}')
-    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not lr_max > 0:
-        raise ValueError(f'fit_one_cycle: lr_max must be a number > 0, got {lr_max!r}')
+    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not 0 < lr_max < math.inf:
+        raise ValueError(f'fit_one_cycle: lr_max must be a finite number > 0, got {lr_max!r}')
     cbs = _as_cbs(cbs)
     total = n_epochs * _steps_per_epoch(learn, cbs)
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
