@@ -150,7 +150,7 @@ learn.fit(2)
 
 # %%
 if importlib.util.find_spec('accelerate'):
-    learn = Learner(get_model(), dls, loss_func=loss_func, cbs=[metrics(), AccelerateCB('bf16')])
+    learn = Learner(get_model(), dls, loss_func=loss_func, cbs=[metrics(), AccelerateCB(mixed_precision='bf16')])
     learn.fit(2)
 else: print('AccelerateCB needs accelerate: pip install accelerate')
 
@@ -226,7 +226,7 @@ print([h.shape for h in hooks])
 # ## Summary
 #
 # `learn.summary()` runs one batch forward, with no side effects, and tabulates each layer's input and output
-# shapes, parameters and approximate MFLOPs.
+# shapes, parameters and MFLOPs (as torch's FlopCounterMode counts them: matrix products and convolutions).
 
 # %%
 print(learn.summary())

@@ -119,7 +119,7 @@ def test_digits_split_is_seeded_disjoint_and_scaled():
 
 @pytest.mark.parametrize('bad', [0, 1, 1.5, -0.1, '0.2', True])
 def test_digits_bad_valid_pct(bad):
-    with pytest.raises(ValueError, match='valid_pct must be a fraction between 0 and 1'):
+    with pytest.raises(ValueError, match=r'valid_pct must be a number in \(0, 1\) \(the share held out, e.g. 0.2\), got '):
         digits(valid_pct=bad)
 
 

@@ -209,10 +209,13 @@ def test_bad_arguments_are_refused_and_change_nothing():
     before = snapshot(learn)
     for kw, msg in (({'start_lr': 0}, 'start_lr must be a finite number > 0'), ({'start_lr': 'a'}, 'start_lr must be'),
                     ({'max_epochs': 0}, 'max_epochs must be an int >= 1'), ({'max_epochs': 1.5}, 'max_epochs must be'),
-                    ({'lr_mult': 1}, 'lr_mult must be a number > 1'), ({'lr_mult': 0.5}, 'lr_mult must be')):
+                    ({'lr_mult': 1}, 'lr_mult must be a finite number > 1'), ({'lr_mult': 0.5}, 'lr_mult must be')):
         with pytest.raises(ValueError, match=msg): learn.lr_find(plot=False, **kw)
     assert_same(snapshot(learn), before)
     learn.model = 'not a model'
     with pytest.raises(TypeError, match='model must be a torch.nn.Module'): learn.lr_find(plot=False)
     with pytest.raises(ValueError, match='beta .* in \\[0, 1\\)'): LRFinderCB(beta=1)
-    with pytest.raises(ValueError, match='stop_div must be a number > 1'): LRFinderCB(stop_div=0.5)
+    with pytest.raises(ValueError, match='max_mult must be a finite number > 1'): LRFinderCB(max_mult=0.5)
+    with pytest.raises(ValueError, match='gamma must be a finite number > 1, got 0.9'): learn.lr_find(0.9)
+    with pytest.raises(ValueError, match=r'gamma=1.1 and lr_mult=1.2 name the same multiplier; pass one'):
+        LRFinderCB(1.1, lr_mult=1.2)

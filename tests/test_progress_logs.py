@@ -31,9 +31,14 @@ def reads_in_one_epoch(n_batches):
     return sc
 
 
-def test_at_most_two_host_reads_per_100_batches(capsys):
-    sc = reads_in_one_epoch(500)
-    assert sc.count <= 11, sc.reads  # 5 reads per fit at phase ends, the rest for the display
+def test_one_loss_read_per_refresh_interval(monkeypatch, capsys):
+    looks = iter(range(10**6))
+    monkeypatch.setattr(progress, '_clock', lambda: next(looks) * 0.05)  # each look at the clock: 50 ms later
+    sc = reads_in_one_epoch(500)  # 400 train + 100 valid batches: 25 s of batches at 1 s refreshes
+    shown = [r for r in sc.reads if 'progress.py' in r]
+    # a refresh every 20 batches starts a copy that the next refresh reads: 20 + 5 refreshes, less the first of each phase
+    assert len(shown) == 20 + 5 - 2 and sc.count == len(shown) + 5, sc.reads  # + accuracy and loss once per phase, the
+    # train batches' losses once
 
 
 def test_host_reads_do_not_grow_with_the_number_of_batches(monkeypatch, capsys):
@@ -118,7 +123,8 @@ def test_an_error_in_an_earlier_before_fit_propagates_unchanged(tmp_path, capsys
 
 
 def test_progress_arguments_are_checked():
-    with pytest.raises(ValueError, match='refresh is seconds between loss reads'): ProgressCB(refresh=-1)
+    with pytest.raises(ValueError, match=r'ProgressCB: refresh \(seconds between loss reads\) must be a number >= 0, got -1'):
+        ProgressCB(refresh=-1)
 
 
 def test_missing_tqdm_is_named(monkeypatch):

@@ -230,9 +230,13 @@ learner.fit(3)
 @pytest.fixture(scope='module')
 def outputs():
     """Run the cells in order in one namespace, as a notebook would; keep each cell's printed output."""
+    import torch
+
     import ultraloop
     saved = ultraloop.Learner.__dict__.get('lr_find')  # the lr_find cell patches Learner: undo it afterwards
     ns, out = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the function-scoped one-thread fixture: small models, one thread
     try:
         for name, code in CELLS:
             buf = io.StringIO()
@@ -241,6 +245,7 @@ def outputs():
             out[name] = buf.getvalue().splitlines()
             if name == 'lr_finder': out['lr_finder_lrs'] = list(ns['lrfind'].lrs)  # the next cell runs lrfind again
     finally:
+        torch.set_num_threads(threads)
         if saved is None: ultraloop.Learner.__dict__.get('lr_find') and delattr(ultraloop.Learner, 'lr_find')
         else: ultraloop.Learner.lr_find = saved
         import matplotlib.pyplot as plt
@@ -265,9 +270,13 @@ TWO_EPOCHS = [(0, 'train'), (0, 'eval'), (1, 'train'), (1, 'eval')]
                                   'clip_accumulate', 'mixed_precision', 'accelerate'])
 def test_fit_cells_print_the_seed_metrics_table(outputs, cell):
     assert phases(outputs[cell]) == TWO_EPOCHS
-    for d in logs(outputs[cell]):
+    rows = logs(outputs[cell])
+    for d in rows:
         assert list(d) == ['accuracy', 'loss', 'epoch', 'train']
-        assert 0 <= float(d['accuracy']) <= 1 and float(d['loss']) > 0 and len(d['loss'].split('.')[1]) == 3
+        assert len(d['loss'].split('.')[1]) == 3 and len(d['accuracy'].split('.')[1]) == 3
+    # it learned: the second epoch's train loss is below the first's (the seed's accumulation cell cancels all but one
+    # batch in n, so its metrics see too few batches to show it)
+    if cell != 'clip_accumulate': assert float(rows[2]['loss']) < float(rows[0]['loss']), rows
 
 
 def test_dls_cell(outputs):

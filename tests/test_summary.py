@@ -36,8 +36,32 @@ def test_summary_of_the_seed_cnn_on_28x28():
     conv = [2 * 3 * 3 * 1 * 8 * 26 * 26, 2 * 3 * 3 * 8 * 16 * 24 * 24, 2 * 3 * 3 * 16 * 32 * 22 * 22]
     assert [s.rows[i].mflops for i in (0, 2, 4)] == pytest.approx([f / 1e6 for f in conv])
     assert s.rows[8].mflops == pytest.approx(2 * 32 * 10 / 1e6)
-    assert s.rows[7].mflops == 0 and s.rows[1].mflops == pytest.approx(8 * 26 * 26 / 1e6)  # Flatten free, ReLU per element
+    assert s.rows[7].mflops == 0 and s.rows[1].mflops == 0  # torch's counter counts products, not ReLU or Flatten
     assert s.total_mflops == pytest.approx(sum(r.mflops for r in s.rows))
+
+
+class Attention(nn.Module):
+    """Computes in its own forward (two matrix products) besides its layers."""
+    def __init__(self, d=32):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out((q @ k.transpose(-1, -2) / 8).softmax(-1) @ v)
+
+
+def test_summary_counts_what_a_module_computes_in_its_own_forward():
+    from torch.utils.flop_counter import FlopCounterMode
+    model = nn.Sequential(nn.Linear(16, 32), Attention())
+    x = torch.randn(4, 10, 16)
+    s = Learner(model).summary(batch=x)
+    with FlopCounterMode(display=False) as fc: model(x)
+    assert s.total_mflops == pytest.approx(fc.get_total_flops() / 4 / 1e6)
+    assert [(r.name, r.type) for r in s.rows] == [('0', 'Linear'), ('1.qkv', 'Linear'), ('1.out', 'Linear'),
+                                                  ('1', 'Attention')]
+    assert s.rows[3].mflops == pytest.approx(2 * (2 * 10 * 10 * 32) / 1e6)  # q @ k.T and weights @ v, per sample
+    assert s.rows[3].params == 0
 
 
 def test_summary_from_a_given_batch_or_input_shape():
@@ -57,7 +81,7 @@ def test_summary_text_is_aligned_and_markdown_is_a_table():
     table = lines[:12]  # header, rule, 9 rows, rule
     assert len({len(line) for line in table}) == 1
     assert lines[4].split() == ['2', 'Conv2d', '8x8x26x26', '8x16x24x24', '1,168', '1.327']
-    assert lines[-1].startswith('total: 6,218 parameters (6,218 trainable), 5.931 MFLOPs per sample; batch of 8 on cpu')
+    assert lines[-1].startswith('total: 6,218 parameters (6,218 trainable), 5.886 MFLOPs per sample; batch of 8 on cpu')
     md = s._repr_markdown_().splitlines()
     assert md[0] == '| layer | type | input | output | params | MFLOPs |' and md[1] == '|---|---|---|---|--:|--:|'
     assert md[2] == '| 0 | Conv2d | 8x1x28x28 | 8x8x26x26 | 80 | 0.097 |'

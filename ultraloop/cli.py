@@ -46,12 +46,15 @@ def _float_above(lo: float):
 def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                    help='where to train; auto: mps, else cuda, else cpu (default: auto)')
-    p.add_argument('--seed', type=_int_at_least(0, MAX_SEED), default=0, help='seeds the weights and the shuffle order (default: 0)')
+    p.add_argument('--seed', type=_int_at_least(0, MAX_SEED), default=0,
+                   help='seeds the weights and the shuffle order (default: 0)')
     default = ("torch's choice" if threads is None
                else f'{threads}: a model this small runs fastest on one thread, above all on a busy machine')
     p.add_argument('--threads', type=_int_at_least(1), default=threads, help=f'CPU threads torch may use (default: {default})')
     p.add_argument('--out', type=Path, default=None, metavar='DIR',
                    help='run folder for the plots (default: runs/<command>-<date>-<time>)')
+    p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                   help='on an error, show the full traceback instead of one line')
 
 
 def _add_data_model_options(p: argparse.ArgumentParser) -> None:
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `ultraloop` argument parser, with the demo, fit and lr-find subcommands."""
     parser = _Parser(prog='ultraloop', description='Train with ultraloop from the command line. '
                      'Start with `ultraloop demo`; `ultraloop COMMAND --help` lists each command\'s options.')
+    parser.add_argument('--debug', action='store_true', help='on an error, show the full traceback instead of one line')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
 
     demo = sub.add_parser('demo', help="the seed's CNN on the bundled digits: LR finder, then a one-cycle fit",
@@ -319,20 +323,23 @@ def _lr_find(args) -> int:
     out = _run_dir(args, 'lr-find')
     print(f'LR finder: the lr grows {args.lr_mult:g}x per batch from {args.start_lr:g} until the smoothed loss exceeds '
           f'3x its minimum')
-    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, lr_mult=args.lr_mult, max_epochs=args.max_epochs)
+    lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, gamma=args.lr_mult, max_epochs=args.max_epochs)
     print('suggested lr: none (the loss shows no clear descent: see the plot)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message)."""
+    """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message).
+    Only the errors a user can cause (ValueError, TypeError, OSError) are shortened to a line, and `--debug` shows
+    them whole; any other exception, such as a bug in the library, propagates with its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these
+        if args.debug: raise
         msg = ' '.join(str(e).split())  # one line, whatever the message held
-        print(f'ultraloop: error: {msg}', file=sys.stderr)
+        print(f'ultraloop: error: {msg} (run with --debug for the traceback)', file=sys.stderr)
         return 2
     except ImportError as e:  # an optional dependency is missing
         if (e.name or '').startswith('ultraloop'): raise  # a broken install or a bug, not a missing extra

@@ -1,34 +1,74 @@
-"""Data plumbing: DataLoaders (train + valid), a fast in-memory loader, and moving batches between devices."""
+"""Data plumbing: DataLoaders (train + valid; from tensors or, as in the course, a dict of datasets), a fast
+in-memory loader, moving batches between devices, and seeding every RNG (set_seed)."""
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import DataLoader, default_collate
 
-__all__ = ['DataLoaders', 'TensorLoader', 'to_device', 'to_cpu', 'def_device']
+from .utils import check_int, map_tensors
+
+__all__ = ['DataLoaders', 'TensorLoader', 'to_device', 'to_cpu', 'def_device', 'set_seed', 'collate_dict', 'get_dls']
 
 def_device = ('mps' if torch.backends.mps.is_available()
               else 'cuda' if torch.cuda.is_available()
               else 'cpu')
 
 
-def _map_tensors(f: Callable[[torch.Tensor], Any], x):
-    """`f` applied to every tensor in `x` (a tensor, or lists, tuples and dicts of them); other values pass through."""
-    if isinstance(x, torch.Tensor): return f(x)
-    if isinstance(x, Mapping): return {k: _map_tensors(f, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_map_tensors(f, o) for o in x)
-    return x
-
-
 def to_device(x, device=def_device, non_blocking: bool = False):
     """Move every tensor in `x` (a tensor, or lists, tuples and dicts of them) to `device`; other values pass through."""
-    return _map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
 
 
 def to_cpu(x):
     """Detach and copy every tensor in `x` to the CPU (note: a host-device sync for tensors on an accelerator)."""
-    return _map_tensors(lambda t: t.detach().cpu(), x)
+    return map_tensors(lambda t: t.detach().cpu(), x)
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed torch (every device), python's `random` and numpy (when installed) with `seed`, and switch
+    `torch.use_deterministic_algorithms(deterministic)` (True makes ops without a deterministic kernel raise)."""
+    check_int('set_seed: seed', seed)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try: import numpy as np
+    except ImportError: return
+    np.random.seed(seed % 2**32)  # numpy takes 0 .. 2**32 - 1
+
+
+def _columns(ds) -> list:
+    """A dataset's column names: its `features` (a Hugging Face Dataset's), else the keys of its first sample."""
+    features = getattr(ds, 'features', None)
+    if features is not None: return list(features)
+    sample = ds[0]
+    if not isinstance(sample, Mapping):
+        raise TypeError(f'collate_dict needs a dataset of dicts (such as a Hugging Face Dataset); its first sample is a '
+                        f'{type(sample).__name__}: use a DataLoader with the default collate instead')
+    return list(sample)
+
+
+def collate_dict(ds, as_tuple: bool = True) -> Callable[[list], Any]:
+    """A DataLoader `collate_fn` for a dataset of dicts (the course's Hugging Face datasets): collates the samples
+    with `default_collate` and returns the batch as a tuple of the dataset's columns in order (`ds.features`), e.g.
+    (images, labels); `as_tuple=False` keeps the dict."""
+    cols = _columns(ds)
+
+    def _collate(b):
+        d = default_collate(b)
+        return tuple(d[k] for k in cols) if as_tuple else d
+    return _collate
+
+
+def get_dls(train_ds, valid_ds, bs: int, **kwargs) -> tuple[DataLoader, DataLoader]:
+    """The course's pair of torch DataLoaders: train shuffled with batch size `bs`, valid in order with `2 * bs` (no
+    gradients, so twice the batch fits); `kwargs` (num_workers, collate_fn, ...) go to both."""
+    check_int('get_dls: bs', bs, 1)
+    return (DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
+            DataLoader(valid_ds, batch_size=bs * 2, **kwargs))
 
 
 class TensorLoader:
@@ -49,7 +89,7 @@ class TensorLoader:
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
             raise ValueError(f'tensors differ in length {[len(t) for t in tensors]}; every tensor needs one row per sample')
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1: raise ValueError(f'bs must be an int >= 1, got {bs!r}')
+        check_int('bs', bs, 1)
         self.tensors = [t.to(device) for t in tensors] if device is not None else list(tensors)
         self.n, self.bs, self.shuffle, self.drop_last = n, bs, shuffle, drop_last
         if seed is None: seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
@@ -91,6 +131,20 @@ class DataLoaders:
         `device` keeps the data there (e.g. 'cuda' when it fits in GPU memory)."""
         return cls(TensorLoader(x_train, y_train, bs=bs, shuffle=shuffle, device=device, seed=seed),
                    TensorLoader(x_valid, y_valid, bs=bs, shuffle=False, device=device))
+
+    @classmethod
+    def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> DataLoaders:
+        """The course's loaders from a dict of two datasets of dicts, 'train' and the valid one (a Hugging Face
+        `DatasetDict` such as `dsd.with_transform(f)`): `get_dls` over them with `collate_dict(dd['train'], as_tuple)`,
+        so batches are tuples of the columns (x, y); `kwargs` (num_workers, ...) go to both DataLoaders."""
+        if not isinstance(dd, Mapping) or 'train' not in dd:
+            raise TypeError(f"from_dd needs a dict of datasets with a 'train' split (a DatasetDict), got "
+                            f'{type(dd).__name__}' + (f' with splits {list(dd)}' if isinstance(dd, Mapping) else ''))
+        if len(dd) != 2:
+            raise ValueError(f"from_dd needs exactly two splits ('train' and a valid one), got {list(dd)}: pass "
+                             f"{{'train': dd['train'], 'valid': dd[...]}}")
+        valid = next(v for k, v in dd.items() if k != 'train')  # 'test', 'validation', ...: the other split
+        return cls(*get_dls(dd['train'], valid, bs=batch_size, collate_fn=collate_dict(dd['train'], as_tuple), **kwargs))
 
 
 # Bundled and on-disk datasets live in their own module; re-exported so `ultraloop.data.digits()` works.

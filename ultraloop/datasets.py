@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import check_number
+
 __all__ = ['digits', 'fashion_mnist', 'read_idx', 'FASHION_MNIST_FILES']
 
 # The four files of the FashionMNIST distribution (zalandoresearch/fashion-mnist, data/fashion), in the order
@@ -28,8 +30,7 @@ def digits(valid_pct: float = 0.2, seed: int = 42) -> tuple[torch.Tensor, torch.
     Returns `(x_train, y_train, x_valid, y_valid)`: x float32 of shape (N, 1, 8, 8) scaled to [-1, 1], y int64;
     a `valid_pct` share of a permutation seeded with `seed` is held out. `DataLoaders.from_tensors(*digits())`.
     """
-    if isinstance(valid_pct, bool) or not isinstance(valid_pct, (int, float)) or not 0 < valid_pct < 1:
-        raise ValueError(f'valid_pct must be a fraction between 0 and 1, e.g. 0.2; got {valid_pct!r}')
+    check_number('valid_pct', valid_pct, gt=0, lt=1, hint=' (the share held out, e.g. 0.2)')
     try:
         from sklearn.datasets import load_digits
     except ImportError:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
 from torch import nn, optim
 from torch.nn import functional as F
+
+from .utils import check_int, check_number, module_names
 
 __all__ = ['EVENTS', 'STEP_METHODS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
@@ -33,6 +33,8 @@ EVENTS: dict[str, str] = {
 }
 # The step methods: each comes from exactly one provider, a callback that defines it or else the Learner itself.
 STEP_METHODS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
+# What a callback may provide in the Learner's place: the step methods, and the whole train step (CudaGraphCB).
+_PROVIDED = (*STEP_METHODS, 'train_step')
 _EVENT_PREFIXES = ('before_', 'after_', 'cleanup_')
 
 
@@ -73,7 +75,7 @@ def _check_callback(cb) -> None:
     like an event but is not one (a typo)."""
     if isinstance(cb, type):
         raise TypeError(f'got the class {cb.__name__} as a callback; pass an instance: {cb.__name__}()')
-    if not isinstance(cb, Callback) and not any(callable(getattr(cb, nm, None)) for nm in (*EVENTS, *STEP_METHODS)):
+    if not isinstance(cb, Callback) and not any(callable(getattr(cb, nm, None)) for nm in (*EVENTS, *_PROVIDED)):
         raise TypeError(f'got {cb!r} ({type(cb).__name__}) as a callback, but it has no event or step method, so it '
                         f'would do nothing: pass a callback instance such as TrainCB()')
     for nm in dir(cb):
@@ -82,14 +84,6 @@ def _check_callback(cb) -> None:
             hint = f'did you mean {close[0]!r}?' if close else f'events are: {", ".join(EVENTS)}.'
             raise ValueError(f'{type(cb).__name__}.{nm} is not an event, so it would never run: {hint} '
                              f'(name helper methods without a before_/after_/cleanup_ prefix)')
-
-
-def _check_lr(name: str, lr) -> None:
-    """A learning rate is a finite number >= 0: a string, NaN or inf would only show later as a torch error or a NaN loss."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f'{name} must be a number, got {type(lr).__name__} {lr!r}: pass e.g. {name}=0.1')
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f'{name} must be a finite number >= 0, got {lr!r}: pass e.g. {name}=0.1')
 
 
 def _check_loss_func(f) -> None:
@@ -135,7 +129,7 @@ class Learner:
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
                  cbs=None, opt_func: Callable | None = optim.SGD):
-        _check_loss_func(loss_func); _check_lr('lr', lr); _check_opt_func(opt_func)
+        _check_loss_func(loss_func); check_number('lr', lr, ge=0, finite=True); _check_opt_func(opt_func)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.opt = None
         self._stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
@@ -172,7 +166,7 @@ class Learner:
         ordered = sorted(self.cbs, key=_order)  # stable: ties keep the order they were added in
         self._handlers = {ev: tuple(m for cb in ordered if (m := getattr(cb, ev, None)) is not None) for ev in EVENTS}
         self._step_conflicts = {}
-        for nm in STEP_METHODS:
+        for nm in _PROVIDED:
             self.__dict__.pop(nm, None)
             providers = [cb for cb in ordered if callable(getattr(cb, nm, None))]
             if len(providers) > 1: self._step_conflicts[nm] = providers
@@ -215,20 +209,6 @@ class Learner:
         finally:
             if cbs: self.rm_cbs(cbs)
 
-    def lr_find(self, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
-                plot_path=None) -> float | None:
-        """Train with an lr growing by `lr_mult` per batch until the smoothed loss exceeds 3x its minimum; plot it
-        against lr (inline in a notebook, else a PNG at `plot_path`, default lr_find.png); return a suggested lr or None.
-        Afterwards weights, optimiser, callbacks and RNGs are as before (see `ultraloop.callbacks.lr_finder.lr_find`)."""
-        from .callbacks.lr_finder import lr_find
-        return lr_find(self, start_lr, lr_mult, max_epochs, plot, plot_path)
-
-    def fit_one_cycle(self, n_epochs: int, lr_max: float, cbs=None, **sched_kwargs):
-        """`fit` with torch's OneCycleLR up to `lr_max`, cycling momentum or Adam's beta1; `sched_kwargs` go to
-        OneCycleLR. Returns the BatchSchedCB, whose `lrs` hold each step's lr."""
-        from .callbacks.schedule import fit_one_cycle
-        return fit_one_cycle(self, n_epochs, lr_max, cbs=cbs, **sched_kwargs)
-
     def _do_fit(self, train: bool, valid: bool) -> None:
         for self.epoch in self.epochs:
             if train: self.one_epoch(True)
@@ -247,29 +227,48 @@ class Learner:
             self._one_batch()
         if self.iter < 0: raise self._no_batches(self.training, self.dl)
 
+    # The per-batch methods run each event's handlers with an inline loop over self._handlers[event]: a call of
+    # self.callback per event costs about 1 % of a small CPU step (bench/overhead.py's core case), measurable there.
     def _one_batch(self) -> None:
-        h = self._handlers  # the hot path: each handler loop is inlined, as a method call per event costs ~0.3 % of a small step
+        h = self._handlers
         try:
             for f in h['before_batch']: f(self)
-            self.predict()
-            for f in h['after_predict']: f(self)
-            self.get_loss()
-            if self.iter == 0: self._check_loss()
-            loss = self.loss
-            for f in h['after_loss']: f(self)
-            if self.training:
-                self.backward()
-                self.loss = loss  # what after_loss scaled was for backward only; metrics see get_loss's value
-                try:
-                    for f in h['after_backward']: f(self)
-                    self.step()
-                    for f in h['after_step']: f(self)
-                    self.zero_grad()
-                except CancelStepException: pass
+            if self.training: self.train_step()
+            else:
+                self.predict()
+                for f in h['after_predict']: f(self)
+                self.get_loss()
+                for f in h['after_loss']: f(self)
             for f in h['after_batch']: f(self)
         except CancelBatchException: pass
         finally:
             for f in h['cleanup_batch']: f(self)
+
+    def train_step(self) -> None:
+        """The train step, from predict to zero_grad, with the events between. The one place it is written: a callback
+        may replace it by providing `train_step(learn)` (CudaGraphCB replays it as a CUDA graph)."""
+        h = self._handlers
+        self.predict()
+        for f in h['after_predict']: f(self)
+        self.get_loss()
+        if self.iter == 0: self._check_loss()
+        loss = self.loss
+        for f in h['after_loss']: f(self)
+        self.backward()
+        self.loss = loss  # what after_loss scaled was for backward only; metrics see get_loss's value
+        self.apply_step()
+
+    def apply_step(self) -> bool:
+        """The step's tail: after_backward, step, after_step, zero_grad. A CancelStepException skips the rest, keeping
+        the gradients; returns whether the step ran. GradientAccumulationCB calls it to close a window at an epoch's end."""
+        h = self._handlers
+        try:
+            for f in h['after_backward']: f(self)
+            self.step()
+            for f in h['after_step']: f(self)
+            self.zero_grad()
+            return True
+        except CancelStepException: return False
 
     def _with_events(self, f, before: str, after: str, cleanup: str, cancel: type[Exception], *args) -> None:
         try:
@@ -281,10 +280,8 @@ class Learner:
 
     # ---- checks made before any batch runs ------------------------------------------------------------------
     def _check_fit_args(self, n_epochs, train, valid, lr) -> None:
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int):
-            raise TypeError(f'n_epochs must be an int, got {type(n_epochs).__name__} {n_epochs!r}')
-        if n_epochs < 0: raise ValueError(f'n_epochs must be >= 0, got {n_epochs}')
-        _check_lr('lr', self.lr if lr is None else lr)
+        check_int('n_epochs', n_epochs, 0)
+        check_number('lr', self.lr if lr is None else lr, ge=0, finite=True)  # learn.lr may have been set since
         if not isinstance(self.model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module, got {type(self.model).__name__}')
         for phase, wanted in (('train', train), ('valid', valid)):
@@ -351,18 +348,6 @@ class Learner:
         """Print the loop's events in order with the callbacks that run at each, and who provides each step."""
         print(self._training_loop_text())
 
-    def plot_metrics(self, path=None):
-        """Plot the metrics MetricsCB recorded in the last fit, per epoch: inline in a notebook, else saved to `path`
-        (default metrics.png). Returns the PNG's path, or None."""
-        from .callbacks.metrics import plot_metrics
-        return plot_metrics(self, path)
-
-    def summary(self, batch=None, input_shape: tuple[int, ...] | None = None):
-        """Each layer's name, type, input and output shape, parameters and MFLOPs, from one forward without side
-        effects (see `ultraloop.summary.model_summary`); shows as a table."""
-        from .summary import model_summary
-        return model_summary(self, batch=batch, input_shape=input_shape)
-
     def _training_loop_text(self) -> str:
         self._update_cbs()
         depth = {'fit': 0, 'epoch': 1, 'batch': 2}
@@ -386,6 +371,8 @@ class Learner:
                 lines.append(f'      {nm}() -> {provider(nm)}')
             names = ', '.join(repr(getattr(f, '__self__', f)) for f in self._handlers[ev])
             lines.append(f'{indent(ev)}{ev}: {names or "-"}')
+        if isinstance(self.__dict__.get('train_step'), _BoundStep):
+            lines.append(f'train_step() -> {provider("train_step")} (runs the batch from predict to zero_grad)')
         hooks = _installed_hooks(self.model) if isinstance(self.model, nn.Module) else {}
         if hooks: lines += ['hooks:', *(f'  {who} on {", ".join(where)}' for who, where in hooks.items())]
         return '\n'.join(lines)
@@ -399,11 +386,12 @@ def _len(dl) -> int | None:
 def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:
     """The forward hooks on the model's modules, grouped by who installed them (a Hook's `owner`, else the function)."""
     found: dict[str, list[str]] = {}
-    for name, m in model.named_modules():
+    names = module_names(model)
+    for m in model.modules():
         for fn in m._forward_hooks.values():
             owner = getattr(getattr(fn, '__self__', None), 'owner', None)
             who = repr(owner) if owner is not None else getattr(fn, '__qualname__', repr(fn))
-            found.setdefault(who, []).append(f'{name or "model"} ({type(m).__name__})')
+            found.setdefault(who, []).append(f'{names[id(m)]} ({type(m).__name__})')
     return found
 
 
@@ -420,9 +408,15 @@ class _BoundStep:
 
 
 class TrainLearner(Learner):
-    """A Learner with the plain supervised step: batch is (x, y, ...)."""
-    def predict(self): self.preds = self.model(self.batch[0])
-    def get_loss(self): self.loss = self.loss_func(self.preds, self.batch[1])
+    """A Learner with the plain supervised step: the first `n_inp` batch elements (class attribute, 1 by default; set
+    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`."""
+    n_inp = 1
+
+    def predict(self):
+        b = self.batch
+        self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
+
+    def get_loss(self): self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()

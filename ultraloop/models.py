@@ -5,12 +5,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .utils import check_int, is_int
+
 __all__ = ['get_model', 'mlp']
 
 
 def _check_sizes(**sizes: int) -> None:
-    for nm, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f'{nm} must be an int >= 1, got {v!r}')
+    for nm, v in sizes.items(): check_int(nm, v, 1)
 
 
 def get_model(n_out: int = 10, widths: Sequence[int] = (8, 16, 32), n_in: int = 1) -> nn.Sequential:
@@ -21,7 +22,7 @@ def get_model(n_out: int = 10, widths: Sequence[int] = (8, 16, 32), n_in: int = 
     """
     _check_sizes(n_out=n_out, n_in=n_in)
     widths = list(widths)
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+    if not widths or any(not is_int(w) or w < 1 for w in widths):
         raise ValueError(f'widths must be a non-empty sequence of ints >= 1 (channels per convolution), got {widths!r}')
     layers, ni = [], n_in
     for nf in widths:

@@ -2,24 +2,22 @@
 from __future__ import annotations
 
 import copy
-import math
 import random
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .callbacks.hooks import Hooks, _is_leaf
 from .data import to_device
+from .utils import is_int, module_names
+from .learner import Learner
 
 __all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
-
-# Layers that only move or drop data: counted as 0 FLOPs.
-_FREE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-         nn.Embedding)
-
 
 @dataclass
 class LayerInfo:
@@ -29,7 +27,7 @@ class LayerInfo:
     in_shape: tuple | list | None
     out_shape: tuple | list | None
     params: int
-    mflops: float  # per sample, approximate
+    mflops: float  # per sample, as torch.utils.flop_counter counts them (matrix products and convolutions)
 
 
 def _shape(x):
@@ -44,19 +42,6 @@ def _fmt_shape(s) -> str:
     if s is None: return '-'
     if isinstance(s, tuple): return 'x'.join(map(str, s)) if s else 'scalar'
     return '[' + ', '.join(map(_fmt_shape, s)) + ']'
-
-
-def _flops(m: nn.Module, inp, outp) -> int:
-    """FLOPs of one call over the whole batch: multiply-adds count 2; conv and linear exact (bias ignored),
-    parameter-free reshapes and dropout 0, every other layer one op per input element."""
-    x = inp[0] if isinstance(inp, tuple) and inp and isinstance(inp[0], torch.Tensor) else None
-    if isinstance(m, nn.modules.conv._ConvNd) and isinstance(outp, torch.Tensor) and x is not None:
-        k = math.prod(m.kernel_size)
-        if m.transposed: return 2 * k * (m.out_channels // m.groups) * x.numel()
-        return 2 * k * (m.in_channels // m.groups) * outp.numel()
-    if isinstance(m, nn.Linear) and isinstance(outp, torch.Tensor): return 2 * m.in_features * outp.numel()
-    if isinstance(m, _FREE) or x is None: return 0
-    return x.numel()
 
 
 class ModelSummary:
@@ -142,7 +127,7 @@ def _model_input(learn, batch, input_shape, device: torch.device):
         raise ValueError('pass batch or input_shape, not both: batch is a real batch, input_shape makes a random one')
     if input_shape is not None:
         if (not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in input_shape)):
+                or any(not is_int(n) or n < 1 for n in input_shape)):
             raise ValueError(f'input_shape must be a tuple of ints >= 1 including the batch size, e.g. (1, 1, 28, 28); '
                              f'got {input_shape!r}')
         p = next((p for p in learn.model.parameters() if p.is_floating_point()), None)
@@ -160,29 +145,46 @@ def _model_input(learn, batch, input_shape, device: torch.device):
     return to_device(batch, device)
 
 
+def _flops_per_module(model: nn.Module, counter: FlopCounterMode) -> dict[int, int]:
+    """Each module's FLOPs over the forward (all its calls, its children included), by `id(module)`: torch's counter
+    names a module by the root's class name and its path in the model."""
+    totals = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    return {id(m): totals.get(f'{root}.{n}' if n else root, 0) for n, m in model.named_modules()}
+
+
 def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None) -> ModelSummary:
     """Run one forward of `learn.model` (in eval mode, under no_grad, on the model's device) on the first batch of
     `learn.dls.train`, or on `batch` (x or (x, y, ...)), or on a random tensor of `input_shape` (batch size included),
-    and tabulate each layer. Weights, buffers, modes, the optimiser, callbacks, the loader's shuffle state and the
-    RNGs are left as they were; no step is taken and no callback runs."""
+    and tabulate each layer: each call of a leaf module, of a module with parameters of its own, and of a module whose
+    own forward computes (an attention block's matrix products), with the FLOPs torch's `FlopCounterMode` counts.
+    Weights, buffers, modes, the optimiser, callbacks, the loader's shuffle state and the RNGs are left as they were;
+    no step is taken and no callback runs."""
     model = learn.model
     if not isinstance(model, nn.Module): raise TypeError(f'learn.model must be a torch.nn.Module, got {type(model).__name__}')
     device = _model_device(model)
     with _untouched(model):
         x = _model_input(learn, batch, input_shape, device)
         bs = x.shape[0] if x.ndim else 1
-        names = {id(m): n or 'model' for n, m in model.named_modules()}
-        mods = [m for m in model.modules() if _is_leaf(m) or next(m.parameters(False), None) is not None]
-        rows, seen = [], set()
+        names = module_names(model)
+        calls = []  # (module, input shape, output shape) in the order the calls end
 
-        def record(hook, m, inp, outp):
-            own = not _is_leaf(m)  # a container with parameters of its own: count only those
-            params = 0 if id(m) in seen else sum(p.numel() for p in m.parameters(recurse=not own))
-            seen.add(id(m))
-            rows.append(LayerInfo(names[id(m)], type(m).__name__, _shape(inp), _shape(outp), params,
-                                  _flops(m, inp, outp) / bs / 1e6))
+        def record(hook, m, inp, outp): calls.append((m, _shape(inp), _shape(outp)))
 
         model.eval()  # BatchNorm uses, not updates, its statistics; dropout off
-        with Hooks(mods, record), torch.no_grad(): model(x)
+        with Hooks(list(model.modules()), record), torch.no_grad(), FlopCounterMode(display=False) as counter: model(x)
+    flops = _flops_per_module(model, counter)
+    n_calls = Counter(id(m) for m, _, _ in calls)
+    rows, seen = [], set()
+    for m, i, o in calls:
+        leaf, own = _is_leaf(m), next(m.parameters(False), None) is not None
+        f = flops[id(m)] if leaf else flops[id(m)] - sum(flops[id(c)] for c in m.children())  # a container: its own work
+        if not (leaf or own or f > 0): continue  # a container whose work its layers show
+        params = 0 if id(m) in seen else sum(p.numel() for p in m.parameters(recurse=leaf))
+        seen.add(id(m))
+        rows.append(LayerInfo(names[id(m)], type(m).__name__, i, o, params, f / n_calls[id(m)] / bs / 1e6))
     params = list(model.parameters())  # each shared (tied) parameter once
     return ModelSummary(rows, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), bs, device)
+
+
+Learner.summary = model_summary  # learn.summary(batch=None, input_shape=None)

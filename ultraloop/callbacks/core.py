@@ -1,14 +1,17 @@
-"""The everyday callbacks: the plain supervised step (TrainCB) and moving model and batches to a device (DeviceCB)."""
+"""The everyday callbacks (the plain supervised step, TrainCB; moving model and batches to a device, DeviceCB) and the
+seed's own callback plumbing for hand-written learners (run_cbs, with_cbs, HasLearnCB)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 
 from ..data import def_device, to_device
-from ..learner import Callback
+from ..learner import Callback, CancelBatchException, CancelEpochException, CancelFitException, _order
+from ..utils import check_int
 
-__all__ = ['TrainCB', 'DeviceCB']
+__all__ = ['TrainCB', 'DeviceCB', 'HasLearnCB', 'run_cbs', 'with_cbs']
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:
@@ -20,9 +23,18 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
 
 
 class TrainCB(Callback):
-    """Provides the step methods for a plain `Learner`: batch is (x, y, ...), preds = model(x)."""
-    def predict(self, learn): learn.preds = learn.model(learn.batch[0])
-    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, learn.batch[1])
+    """Provides the step methods for a plain `Learner`: the first `n_inp` elements of the batch are the model's inputs
+    and the rest go to the loss: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`."""
+    n_inp = 1  # also for subclasses whose __init__ does not call TrainCB's (the course's NCACB)
+
+    def __init__(self, n_inp: int = 1):
+        self.n_inp = check_int(f'{type(self).__name__}: n_inp (how many leading batch elements the model takes)', n_inp, 1)
+
+    def predict(self, learn):
+        b = learn.batch
+        learn.preds = learn.model(b[0]) if self.n_inp == 1 else learn.model(*b[:self.n_inp])  # no slice for one input
+
+    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
     def backward(self, learn): learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()
@@ -100,3 +112,52 @@ class DeviceCB(Callback):
 
     def cleanup_epoch(self, learn):
         if self._dl is not None: learn.dl, self._dl = self._dl, None
+
+
+class HasLearnCB(Callback):
+    """Keeps the learner in `self.learn` from fit start until fit ends (cleared in cleanup_fit, so also after a cancel
+    or an error), for callbacks with helpers that do not take it. Subclasses that define before_fit call super()."""
+    learn = None
+
+    def before_fit(self, learn): self.learn = learn
+
+    def cleanup_fit(self, learn): self.learn = None
+
+
+def run_cbs(cbs, method_nm: str, learn=None) -> None:
+    """The seed's dispatcher: call `cb.<method_nm>(learn)` on every callback in `cbs` that has that method, in `order`
+    (ties in list order). For hand-written learners; `Learner` itself dispatches through a table built once."""
+    for cb in sorted(cbs, key=_order):
+        method = getattr(cb, method_nm, None)
+        if method is not None: method(learn)
+
+
+_CANCELS = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
+
+
+class with_cbs:
+    """The seed's decorator for a hand-written learner's loop methods: `@with_cbs('batch')` wraps the method in
+    `callback('before_batch')` and `callback('after_batch')`; `CancelBatchException` ends it quietly and
+    `callback('cleanup_batch')` always runs last. Names: fit, epoch, batch. The exception comes from a table, not from
+    building its name: an unknown name is an error here, not at the first cancel."""
+
+    def __init__(self, nm: str):
+        if nm not in _CANCELS:
+            raise ValueError(f'with_cbs({nm!r}): the name must be one of {", ".join(map(repr, _CANCELS))} (each has its '
+                             f'Cancel<Name>Exception and before_/after_/cleanup_ events)')
+        self.nm, self.cancel = nm, _CANCELS[nm]
+        self.events = tuple(f'{when}_{nm}' for when in ('before', 'after', 'cleanup'))
+
+    def __call__(self, f):
+        before, after, cleanup = self.events
+        cancel = self.cancel
+
+        @functools.wraps(f)
+        def _f(o, *args, **kwargs):
+            try:
+                o.callback(before)
+                f(o, *args, **kwargs)
+                o.callback(after)
+            except cancel: pass
+            finally: o.callback(cleanup)
+        return _f

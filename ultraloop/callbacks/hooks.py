@@ -1,18 +1,23 @@
-"""PyTorch forward hooks combined with callbacks: Hook, Hooks, HooksCallback, and per-layer activation statistics."""
+"""PyTorch forward hooks combined with callbacks: Hook, Hooks, HooksCallback, and per-layer activation statistics
+(ActivationStatsCB, and the course's ActivationStats, append_stats, get_hist, get_min)."""
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..data import to_cpu
 from ..learner import Callback
-from ..plotting import get_plt, show_or_save
+from ..plotting import show_or_save, subplots
+from ..utils import check_int, is_number, module_names
 
-__all__ = ['Hook', 'Hooks', 'HooksCallback', 'ActivationStatsCB']
+__all__ = ['Hook', 'Hooks', 'HooksCallback', 'ActivationStatsCB', 'ActivationStats', 'append_stats', 'get_hist',
+           'get_min']
 
 
 class Hook:
@@ -84,7 +89,8 @@ class HooksCallback(Callback):
     """Installs `Hook(m, hookfunc)` on modules of `learn.model` at fit start and removes them when fit ends, also
     when it is cancelled or fails. `hookfunc(hook, module, inp, outp)` runs in the phases asked for (training by
     default). Modules: `mods`, else those `mod_filter` picks (a class, tuple of classes, or function module -> bool;
-    default: every leaf module). The hooks of the last fit stay readable in `self.hooks`."""
+    default: every leaf module; a filter that matches no module hooks nothing, with a warning). The hooks of the last
+    fit stay readable in `self.hooks`, and the callback iterates over them: `for h in hc`, `len(hc)`."""
 
     def __init__(self, hookfunc: Callable, mod_filter=None, on_train: bool = True, on_valid: bool = False,
                  mods: Iterable[nn.Module] | None = None):
@@ -111,7 +117,9 @@ class HooksCallback(Callback):
         if f is None: f = _is_leaf
         elif isinstance(f, (type, tuple)): f = (lambda m, t=f: isinstance(m, t))
         mods = [m for m in model.modules() if f(m)]
-        if not mods: raise ValueError(f'mod_filter {self.mod_filter!r} matched no module of learn.model; nothing to hook')
+        # the course reuses one callback list across models, some without the filtered layer type: not an error
+        if not mods: warnings.warn(f'{self.name}: mod_filter {self.mod_filter!r} matched no module of learn.model, so '
+                                   f'nothing is hooked this fit', stacklevel=2)
         return mods
 
     def before_fit(self, learn) -> None:
@@ -120,8 +128,8 @@ class HooksCallback(Callback):
         # the phase check costs one attribute read per call; skipped when both phases are wanted
         fn = self.hookfunc if (self.on_train and self.on_valid) else self._gated
         self.hooks = Hooks(mods, fn)
-        names = {id(m): n for n, m in learn.model.named_modules()}
-        for h in self.hooks: h.name, h.owner = names[id(h.module)] or 'model', self
+        names = module_names(learn.model)
+        for h in self.hooks: h.name, h.owner = names[id(h.module)], self
 
     def _gated(self, hook, module, inp, outp) -> None:
         if self.on_train if self._learn.training else self.on_valid: self.hookfunc(hook, module, inp, outp)
@@ -129,6 +137,12 @@ class HooksCallback(Callback):
     def cleanup_fit(self, learn) -> None:
         self.hooks.remove()
         self._learn = None
+
+    def __iter__(self): return iter(self.hooks)
+
+    def __len__(self) -> int: return len(self.hooks)
+
+    def __bool__(self) -> bool: return True  # a callback is always "there", even when it hooked nothing (len 0)
 
 
 class ActivationStatsCB(HooksCallback):
@@ -140,10 +154,8 @@ class ActivationStatsCB(HooksCallback):
 
     def __init__(self, mod_filter=None, on_train: bool = True, on_valid: bool = False,
                  mods: Iterable[nn.Module] | None = None, bins: int = 40, hist_range: tuple[float, float] = (0., 10.)):
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f'bins must be an int >= 1, got {bins!r}')
-        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in hist_range)
+        check_int('bins', bins, 1)
+        if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2 and all(map(is_number, hist_range))
                 and hist_range[0] < hist_range[1]):
             raise ValueError(f'hist_range must be (low, high) with low < high, got {hist_range!r}')
         self.bins, self.hist_range = bins, (float(hist_range[0]), float(hist_range[1]))
@@ -172,7 +184,7 @@ class ActivationStatsCB(HooksCallback):
 
     def dead_fraction(self, hook: Hook) -> torch.Tensor:
         """Per batch, the fraction of the histogram's activations in the first bin (|a| < 0.25 by default: near zero)."""
-        return hook.hists[:, 0] / hook.hists.sum(1).clamp_min(1)
+        return get_min(hook)
 
     def _hooks_with_stats(self) -> list[Hook]:
         hooks = [h for h in self.hooks if len(getattr(h, 'means', ()))]
@@ -181,7 +193,7 @@ class ActivationStatsCB(HooksCallback):
 
     def color_dim(self, figsize=(11, 5), path: str | os.PathLike | None = None) -> Path | None:
         """Per layer, the histogram of |activation| over batches (log scale): x batch, y magnitude."""
-        def draw(ax, h): ax.imshow(h.hists.t().log1p().numpy(), origin='lower', aspect='auto',
+        def draw(ax, h): ax.imshow(get_hist(h).numpy(), origin='lower', aspect='auto',
                                    extent=(0, len(h.hists), *self.hist_range))
         return show_or_save(_per_layer_figure(self._hooks_with_stats(), figsize, draw), path, 'color_dim.png')
 
@@ -193,7 +205,7 @@ class ActivationStatsCB(HooksCallback):
     def plot_stats(self, figsize=(10, 4), path: str | os.PathLike | None = None) -> Path | None:
         """Each layer's activation mean and standard deviation over batches."""
         hooks = self._hooks_with_stats()
-        fig, axes = get_plt().subplots(1, 2, figsize=figsize)
+        fig, axes = subplots(1, 2, figsize=figsize)
         for h in hooks:
             axes[0].plot(h.means.numpy(), label=h.name)
             axes[1].plot(h.stds.numpy(), label=h.name)
@@ -203,11 +215,54 @@ class ActivationStatsCB(HooksCallback):
         return show_or_save(fig, path, 'activation_stats.png')
 
 
+def noop(x=None, *args, **kwargs):
+    """Returns its first argument (fastcore's `noop`): as a module filter it picks every module."""
+    return x
+
+
+class ActivationStats(ActivationStatsCB):
+    """The course's name and signature for ActivationStatsCB: `ActivationStats(mod_filter)`, where the default, like
+    the course's `fc.noop`, returns each module itself and so picks every module (the model included), and a filter
+    such as `fc.risinstance(nn.ReLU)` picks those it is true for. Iterate it for the hooks (`for h in astats`), each with
+    `h.stats` = (means, stds, histograms) over the training batches; `get_hist(h)`, `get_min(h)` read them."""
+
+    def __init__(self, mod_filter: Callable = noop):
+        super().__init__(mod_filter)
+
+
+def _stacked(x) -> torch.Tensor:
+    """Per-batch values as one tensor: ActivationStatsCB keeps a tensor already, append_stats a list of them."""
+    return x if isinstance(x, torch.Tensor) else torch.stack(list(x))
+
+
+def append_stats(hook, mod, inp, outp) -> None:
+    """The course's hook function: appends the mean, standard deviation and 40-bin histogram of |activation| over
+    0..10 of each forward's output to `hook.stats` = ([means], [stds], [histograms]), on the CPU. Each call copies the
+    activations to the host (a sync on an accelerator); `ActivationStatsCB` gathers the same without one per batch."""
+    if not isinstance(outp, torch.Tensor): return  # e.g. an LSTM's (output, state): not an activation map
+    if not hasattr(hook, 'stats'): hook.stats = ([], [], [])
+    a = to_cpu(outp).float()
+    hook.stats[0].append(a.mean())
+    hook.stats[1].append(a.std())
+    hook.stats[2].append(a.abs().histc(40, 0, 10))
+
+
+def get_hist(h) -> torch.Tensor:
+    """A hook's histograms as an image: bins x batches, log(1 + count), from `append_stats` or `ActivationStatsCB`."""
+    return _stacked(h.stats[2]).t().float().log1p()
+
+
+def get_min(h) -> torch.Tensor:
+    """Per batch, the fraction of a hook's activations in the histogram's first bin (near zero): the "dead" share."""
+    hist = _stacked(h.stats[2]).t().float()
+    return hist[0] / hist.sum(0).clamp_min(1)  # a batch with nothing in range counts as 0, not 0/0
+
+
 def _per_layer_figure(hooks: list[Hook], figsize, draw: Callable):
     """A grid with one panel per hooked layer, titled with its name and type; `draw(ax, hook)` fills each."""
     n = len(hooks)
     rows = max(1, int(math.sqrt(n)))
-    fig, axes = get_plt().subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
+    fig, axes = subplots(rows, math.ceil(n / rows), figsize=figsize, squeeze=False)
     for ax in axes.flat[n:]: ax.set_axis_off()
     for ax, h in zip(axes.flat, hooks):
         draw(ax, h)

@@ -67,7 +67,7 @@ class CSVLoggerCB(Callback):
     `path`, flushed as it is written; floats are written with the fewest digits that give back their float32 value
     (1.0000001, not 1.0000001192092896). A run that finds the file appends to it, header once; a file whose header
     differs, or that is not a CSV file, is refused before any batch runs."""
-    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+    order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
@@ -75,8 +75,7 @@ class CSVLoggerCB(Callback):
         self._file = None
 
     def before_fit(self, learn):
-        self._metrics = _need_metrics(self, learn)
-        cols = self._metrics.columns
+        cols = _need_metrics(self, learn).columns
         if (problem := _csv_problem(self.path, cols)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
         new = _csv_header(self.path) is None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +83,8 @@ class CSVLoggerCB(Callback):
         self._writer = csv.DictWriter(self._file, fieldnames=cols)
         if new: self._writer.writeheader()
 
-    def after_epoch(self, learn):
-        self._writer.writerow({k: _short(v) if isinstance(v, float) else v for k, v in self._metrics.history[-1].items()})
+    def log_metrics(self, learn, row: dict) -> None:
+        self._writer.writerow({k: _short(v) if isinstance(v, float) else v for k, v in row.items()})
         self._file.flush()
 
     def cleanup_fit(self, learn):
@@ -105,7 +104,7 @@ def _short(v: float) -> str:
 class TensorBoardCB(Callback):
     """Writes each epoch phase's metrics and loss to TensorBoard in `log_dir`, as `<name>/train` and `<name>/eval`
     scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package."""
-    order = 10  # after MetricsCB's after_epoch (order 0) has added the phase's row
+    order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, log_dir: str | os.PathLike = 'runs'):
         try: from torch.utils.tensorboard import SummaryWriter
@@ -114,14 +113,13 @@ class TensorBoardCB(Callback):
         self._writer_cls, self.log_dir, self._writer = SummaryWriter, Path(log_dir), None
 
     def before_fit(self, learn):
-        self._metrics = _need_metrics(self, learn)
+        _need_metrics(self, learn)
         self._writer = self._writer_cls(log_dir=str(self.log_dir))
 
-    def after_epoch(self, learn):
-        row = self._metrics.history[-1]
-        for k in self._metrics.all_metrics:
-            v = row[k]
-            if isinstance(v, (int, float)): self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
+    def log_metrics(self, learn, row: dict) -> None:
+        for k, v in row.items():
+            if k not in ('epoch', 'train') and isinstance(v, (int, float)):
+                self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
         self._writer.flush()
 
     def cleanup_fit(self, learn):

@@ -12,26 +12,44 @@ from collections import OrderedDict
 
 import torch
 
-from ..learner import Callback, CancelEpochException, CancelFitException
-from .schedule import BatchSchedCB, EpochSchedCB
+from ..learner import Callback, CancelEpochException, CancelFitException, Learner
+from ..utils import check_int, check_number
+from .schedule import BaseSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
 
 
-class LRFinderCB(Callback):
-    """Multiplies every group's lr by `lr_mult` after each training batch, recording `lrs` and `losses` (each batch's
-    own loss); ends fit when the loss, smoothed by an exponential average (`beta`), exceeds `stop_div` times its
-    minimum, or is NaN; ends each valid phase at its first batch. The seed compared raw losses, which mini-batch noise
-    alone can trip long before the lr is too high; beta=0 does that. Reads the loss every batch, a host-device sync:
-    the price of deciding when to stop, paid only here."""
+_GAMMA = 1.3  # the lr's growth per batch, by default
 
-    def __init__(self, lr_mult: float = 1.3, stop_div: float = 3.0, beta: float = 0.9):
-        for nm, v in (('lr_mult', lr_mult), ('stop_div', stop_div)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
-                raise ValueError(f'LRFinderCB: {nm} must be a number > 1, got {v!r}')
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f'LRFinderCB: beta (loss smoothing) must be a number in [0, 1), got {beta!r}')
-        self.lr_mult, self.stop_div, self.beta = lr_mult, stop_div, beta
+
+def _growth(who: str, gamma, lr_mult, max_mult) -> float:
+    """The multiplier given as `gamma` (miniai's name) or `lr_mult` (the seed's), checked with `max_mult`."""
+    nm = 'gamma'
+    if lr_mult is not None:
+        if gamma != _GAMMA:
+            raise ValueError(f'{who}: gamma={gamma!r} and lr_mult={lr_mult!r} name the same multiplier; pass one of them')
+        gamma, nm = lr_mult, 'lr_mult'
+    check_number(f'{who}: {nm}', gamma, gt=1, finite=True)
+    check_number(f'{who}: max_mult', max_mult, gt=1, finite=True)
+    return gamma
+
+
+class LRFinderCB(Callback):
+    """Multiplies every group's lr by `gamma` (the seed's `lr_mult`) after each training batch, recording `lrs` and
+    `losses` (each batch's own loss); ends fit when the loss, smoothed by an exponential average (`beta`), exceeds
+    `max_mult` times its minimum, or is NaN; ends each valid phase at its first batch. The seed and miniai compare raw
+    losses, which mini-batch noise alone can trip long before the lr is too high; beta=0 does that. Reads the loss every
+    batch, a host-device sync: the price of deciding when to stop, paid only here."""
+
+    def __init__(self, gamma: float = _GAMMA, max_mult: float = 3, beta: float = 0.9, *, lr_mult: float | None = None):
+        gamma = _growth('LRFinderCB', gamma, lr_mult, max_mult)
+        check_number('LRFinderCB: beta (loss smoothing)', beta, ge=0, lt=1)
+        self.gamma, self.max_mult, self.beta = gamma, max_mult, beta
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+
+    @property
+    def lr_mult(self) -> float: return self.gamma  # the seed's name
 
     def before_fit(self, learn):
         self.lrs: list[float] = []
@@ -46,8 +64,8 @@ class LRFinderCB(Callback):
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
         smooth = self._avg / (1 - self.beta ** len(self.losses))  # debiased: the average starts at 0
         if smooth < self.min: self.min = smooth
-        if smooth > self.min * self.stop_div or math.isnan(loss): raise CancelFitException()
-        for g in learn.opt.param_groups: g['lr'] *= self.lr_mult
+        if smooth > self.min * self.max_mult or math.isnan(loss): raise CancelFitException()
+        for g in learn.opt.param_groups: g['lr'] *= self.gamma
 
 
 def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.5, min_drop: float = 0.05) -> float | None:
@@ -60,7 +78,7 @@ def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.
     falls by less than `min_drop` (a fraction) of its start or by less than twice its noise."""
     pts = [(lr, v) for lr, v in zip(lrs, losses) if lr > 0 and math.isfinite(v)]
     if len(pts) < 8:
-        warnings.warn(f'lr_find: only {len(pts)} usable points, too few to suggest an lr: lower start_lr or lr_mult, '
+        warnings.warn(f'lr_find: only {len(pts)} usable points, too few to suggest an lr: lower start_lr or gamma, '
                       f'or give more batches (max_epochs)', stacklevel=3)
         return None
     x = [math.log10(lr) for lr, _ in pts]
@@ -90,13 +108,13 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None
                  path: str | os.PathLike | None = None):
     """Loss against lr on a log axis, the suggestion marked (or "no suggestion" written on the plot); inline in a
     notebook, else saved to `path` (default lr_find.png). Returns the PNG's path, or None."""
-    from ..plotting import get_plt, show_or_save
-    plt = get_plt()
-    return show_or_save(_lr_find_figure(plt, lrs, losses, suggestion), path, 'lr_find.png')
+    from ..plotting import show_or_save
+    return show_or_save(_lr_find_figure(lrs, losses, suggestion), path, 'lr_find.png')
 
 
-def _lr_find_figure(plt, lrs: list[float], losses: list[float], suggestion: float | None):
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _lr_find_figure(lrs: list[float], losses: list[float], suggestion: float | None):
+    from ..plotting import subplots
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')
@@ -118,23 +136,23 @@ def _lr_find_figure(plt, lrs: list[float], losses: list[float], suggestion: floa
     return fig
 
 
-def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int = 10, plot: bool = True,
-            plot_path: str | os.PathLike | None = None) -> float | None:
-    """Train from `start_lr`, multiplying the lr by `lr_mult` each batch, until the smoothed loss exceeds 3x its
-    minimum (at most `max_epochs` train phases, no valid phases); plot loss against lr; return `suggest_lr`'s lr or None.
+def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10, *,
+            plot: bool = True, plot_path: str | os.PathLike | None = None, lr_mult: float | None = None) -> float | None:
+    """Train from `start_lr`, multiplying the lr by `gamma` (the seed's `lr_mult`) each batch, until the smoothed loss
+    exceeds `max_mult` times its minimum (at most `max_epochs` train phases, no valid phases); plot loss against lr;
+    return `suggest_lr`'s lr or None. miniai's signature, plus the keyword-only `plot`, `plot_path` and `lr_mult`.
     Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
     (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
     fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
-    if isinstance(start_lr, bool) or not isinstance(start_lr, (int, float)) or not 0 < start_lr < math.inf:
-        raise ValueError(f'lr_find: start_lr must be a finite number > 0, got {start_lr!r}')
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
-        raise ValueError(f'lr_find: max_epochs must be an int >= 1, got {max_epochs!r}')
+    gamma = _growth('lr_find', gamma, lr_mult, max_mult)
+    check_number('lr_find: start_lr', start_lr, gt=0, finite=True)
+    check_int('lr_find: max_epochs', max_epochs, 1)
     if not isinstance(learn.model, torch.nn.Module):
         raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
-    finder = LRFinderCB(lr_mult)
+    finder = LRFinderCB(gamma, max_mult)
     saved = _LearnerState(learn)
     try:
-        scheds = [cb for cb in learn.cbs if isinstance(cb, (BatchSchedCB, EpochSchedCB))]
+        scheds = [cb for cb in learn.cbs if isinstance(cb, BaseSchedCB)]
         if scheds: learn.rm_cbs(scheds)  # they would overwrite the finder's lrs
         learn.fit(max_epochs, valid=False, cbs=[finder], lr=start_lr)
     finally:
@@ -142,6 +160,9 @@ def lr_find(learn, start_lr: float = 1e-5, lr_mult: float = 1.3, max_epochs: int
     suggestion = suggest_lr(finder.lrs, finder.losses)
     if plot: plot_lr_find(finder.lrs, finder.losses, suggestion, plot_path)
     return suggestion
+
+
+Learner.lr_find = lr_find  # learn.lr_find(...): attached here, so the core knows nothing of the finder
 
 
 def _cpu_clone(x):

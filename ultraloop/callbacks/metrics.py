@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..learner import Callback
+from ..learner import Callback, Learner
 
-__all__ = ['MetricsCB', 'plot_metrics']
+__all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
 
 
 class _WeightedMean:
@@ -49,19 +49,59 @@ def _fmt(v) -> str:
     return f'{v:.3f}' if isinstance(v, (int, float)) else str(v)
 
 
+def format_row(row: dict) -> dict:
+    """A history row as the seed prints it: each value as text with 3 decimals, the epoch and phase as they are."""
+    return {k: v if k in ('epoch', 'train') else _fmt(v) for k, v in row.items()}
+
+
+class _Rows:
+    """Predictions and targets of a phase's batches, copied (`copy_`, no host sync) into two preallocated device tensors
+    of about `nbytes` together, then handed to the metrics as one chunk when full and at the phase end. Memory stays
+    bounded whatever the class count, no per-batch allocation fragments the allocator, and outputs that a step writes
+    in place (a CUDA graph replay) are safe, as each batch is copied. A batch of another trailing shape closes the
+    chunk (so sequences of varying length are handed over batch by batch); the buffers take the dtype and device of the
+    chunk's first batch."""
+
+    def __init__(self, nbytes: int): self.nbytes, self.p, self.n, self.cap, self.ps, self.ys = nbytes, None, 0, 0, None, None
+
+    def fits(self, p: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether the batch can join the open chunk (False: take() the chunk first). Per batch: keep it cheap."""
+        return self.n + len(p) <= self.cap and p.shape[1:] == self.ps and y.shape[1:] == self.ys
+
+    def add(self, p: torch.Tensor, y: torch.Tensor) -> None:
+        n, k = self.n, len(p)
+        if self.p is None:  # as many rows of this shape as fit in nbytes, at least one batch
+            self.cap = max(k, self.nbytes // max(p[:1].nbytes + y[:1].nbytes, 1))
+            self.p, self.y = p.new_empty((self.cap, *p.shape[1:])), y.new_empty((self.cap, *y.shape[1:]))
+            self.ps, self.ys = p.shape[1:], y.shape[1:]
+        self.p[n:n + k].copy_(p)
+        self.y[n:n + k].copy_(y)
+        self.n = n + k
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's rows; the next add allocates anew, so a metric may keep what it is given."""
+        if not self.n: return None
+        out = self.p[:self.n], self.y[:self.n]
+        self.p = self.y = self.ps = self.ys = None
+        self.n = self.cap = 0
+        return out
+
+
 class MetricsCB(Callback):
     """Tracks metric objects (anything with `update`/`compute`/`reset`: torchmetrics, torcheval) and the loss, a
-    sample-weighted mean, over each train and valid phase; `_log` gets the seed's dict once per phase, `history` the
-    numbers, `batch_losses` each training batch's loss as (epochs trained, loss), for the plot. It warns once per fit
-    when a phase's mean loss is NaN or inf. Nothing is read from the device per batch: predictions and targets are kept (detached) on the device and
-    handed to the metrics in one `update` per chunk, when `buffer_bytes` is reached and at the phase end. For metrics
-    that accumulate over samples (accuracy, F1, MSE, AUROC, ...: the classification and regression metrics of torchmetrics
-    and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value depends on how the
-    samples are split into batches (a running mean over a window of batches).
-    A step that writes its outputs into the same tensors every batch (a CUDA graph replay) must say so with
-    `reuses_outputs = True` on its callback or Learner: MetricsCB then copies each batch's outputs."""
+    sample-weighted mean, over each train and valid phase, and hands each phase's row on: to `history`, to every
+    callback in learn.cbs with a `log_metrics(learn, row)` method (ProgressCB, the loggers, early stopping), in their
+    order, and to one printer: `_log` (the seed's printed dict) or, where a callback has a `print_metrics(learn, row)`
+    method (ProgressCB's table), that one, unless you override `_log`. `batch_losses` holds each training batch's
+    loss as (epochs trained, loss), for the plot; a phase whose mean loss is NaN or inf is warned of, once per fit.
+
+    Nothing is read from the device per batch: each batch's predictions and targets are copied into a bounded device
+    buffer (`buffer_bytes`) handed to the metrics in one `update` per chunk, when full and at the phase end. For metrics
+    that accumulate over samples (accuracy, F1, MSE, AUROC, ...: the classification and regression metrics of
+    torchmetrics and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value
+    depends on how the samples are split into batches (a running mean over a window of batches)."""
     order = 0
-    buffer_bytes = 64 * 2**20  # device memory held for predictions and targets before an update; bounds the chunk
+    buffer_bytes = 4 * 2**20  # device memory holding predictions and targets between metric updates
 
     def __init__(self, *ms, **metrics):
         for o in ms: metrics[type(o).__name__] = o
@@ -84,12 +124,15 @@ class MetricsCB(Callback):
     def before_fit(self, learn):
         learn.metrics = self
         self.history, self.batch_losses, self._device, self._warned = [], [], None, False
-        # a step that writes its outputs into the same tensors every batch (CUDA graphs) says so: copy them
-        self._clone = getattr(learn, 'reuses_outputs', False) or any(getattr(cb, 'reuses_outputs', False) for cb in learn.cbs)
+        ordered = sorted(learn.cbs, key=lambda cb: getattr(cb, 'order', 0))
+        self._consumers = [cb.log_metrics for cb in ordered if cb is not self and callable(getattr(cb, 'log_metrics', None))]
+        printers = [cb.print_metrics for cb in ordered if callable(getattr(cb, 'print_metrics', None))]
+        own_log = type(self)._log is not MetricsCB._log or '_log' in vars(self)  # the seed's override always runs
+        self._print = printers[0] if printers and not own_log else lambda learn, row: self._log(format_row(row))
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._ps, self._ys, self._nbytes, self._ptrs, self._losses = [], [], 0, None, []
+        self._rows, self._losses = _Rows(self.buffer_bytes), []
 
     def after_batch(self, learn):
         try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
@@ -97,41 +140,19 @@ class MetricsCB(Callback):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
         self.loss.update(learn.loss, len(y))
-        if learn.training: self._losses.append(learn.loss.detach())  # kept on the device: read once, at the phase end
+        if learn.model.training: self._losses.append(learn.loss.detach())  # kept on the device: read once, at the phase end
         if self.metrics: self._add(learn.preds, y)
 
     def _add(self, p, y) -> None:
-        if not (isinstance(p, torch.Tensor) and isinstance(y, torch.Tensor)): return self._update(p, y)
+        if not (self.buffer_bytes and isinstance(p, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return self._update(p.detach() if isinstance(p, torch.Tensor) else p, y)
         p = p.detach()
-        if self._clone: p, y = p.clone(), y.clone()  # the next step overwrites these tensors
-        else:
-            ptrs = p.data_ptr(), y.data_ptr()  # the last batch's tensors are alive in the buffer: same address, same memory
-            if self._ps and (ptrs[0] == self._ptrs[0] or ptrs[1] == self._ptrs[1]): p, y = self._reused(p, y)
-            self._ptrs = ptrs
-        self._ps.append(p); self._ys.append(y)
-        self._nbytes += p.nbytes + y.nbytes
-        if self._nbytes >= self.buffer_bytes: self._flush()
-
-    def _reused(self, p, y):
-        """This batch's outputs sit where the last batch's did, so the buffered last batch now reads as this one: drop it
-        and copy every batch from now on."""
-        warnings.warn('MetricsCB: learn.preds or the targets reuse the last batch\'s memory, so that batch is left out of '
-                      'this phase\'s metrics and later ones are copied; a callback or Learner that writes its outputs in '
-                      'place should set reuses_outputs = True', stacklevel=3)
-        self._nbytes -= self._ps[-1].nbytes + self._ys[-1].nbytes
-        del self._ps[-1], self._ys[-1]
-        self._clone = True
-        return p.clone(), y.clone()
+        if not self._rows.fits(p, y): self._flush()
+        self._rows.add(p, y)
 
     def _flush(self) -> None:
-        ps, ys = self._ps, self._ys
-        if not ps: return
-        self._ps, self._ys, self._nbytes = [], [], 0
-        try: p, y = (ps[0], ys[0]) if len(ps) == 1 else (torch.cat(ps), torch.cat(ys))
-        except RuntimeError:  # shapes that do not concatenate (e.g. sequences of varying length): one update each
-            for p, y in zip(ps, ys): self._update(p, y)
-            return
-        self._update(p, y)
+        chunk = self._rows.take()
+        if chunk is not None: self._update(*chunk)
 
     def _update(self, p, y) -> None:
         dev = getattr(p, 'device', None)
@@ -145,7 +166,7 @@ class MetricsCB(Callback):
         self._flush()
         row = {k: _value(m.compute()) for k, m in self.all_metrics.items()}
         row['epoch'] = learn.epoch
-        row['train'] = 'train' if learn.training else 'eval'
+        row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
         if self._losses:
             n, losses = len(self._losses), torch.stack(self._losses).tolist()  # one read per train phase
@@ -156,7 +177,8 @@ class MetricsCB(Callback):
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
                           f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
                           f'stops a fit at the first such batch)', stacklevel=2)
-        self._log({k: _fmt(v) if k in self.all_metrics else v for k, v in row.items()})
+        self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
+        for f in self._consumers: f(learn, row)
 
     @property
     def columns(self) -> list[str]:
@@ -182,16 +204,18 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     """Plot each metric of the last fit's `MetricsCB.history` against the epochs trained, train and eval phases as two
     lines, and each training batch's loss on the loss panel: inline in a notebook, else saved to `path` (default
     `metrics.png`). Returns the PNG's path, or None."""
-    from ..plotting import get_plt, show_or_save
+    from ..plotting import show_or_save, subplots
     m = getattr(learn, 'metrics', None)
     if not isinstance(m, MetricsCB) or not m.history:
         raise ValueError('no metrics to plot: fit with a MetricsCB first, e.g. learn.fit(1, cbs=[MetricsCB()])')
     keys = [k for k in m.all_metrics if all(isinstance(r.get(k), (int, float)) for r in m.history)]
-    plt = get_plt()
-    fig, axs = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig, axs = subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):
         if k == 'loss' and m.batch_losses: ax.plot(*zip(*m.batch_losses), alpha=0.4, label='train (each batch)')
         _plot_phase_means(ax, m.history, k)
         ax.set_title(k); ax.legend()
     fig.tight_layout()
     return show_or_save(fig, path, 'metrics.png')
+
+
+Learner.plot_metrics = plot_metrics  # learn.plot_metrics(path)

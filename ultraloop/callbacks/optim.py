@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..learner import Callback, CancelStepException
+from ..utils import check_int, check_number
 
 __all__ = ['GradientClippingCB', 'GradientAccumulationCB']  # batch_size stays out: a common variable name
 
@@ -19,9 +20,7 @@ class GradientClippingCB(Callback):
     cuda_graph_safe = True  # no host sync: CudaGraphCB may capture it inside the step
 
     def __init__(self, max_norm: float = 1.0, norm_type: float = 2.0):
-        for nm, v in (('max_norm', max_norm), ('norm_type', norm_type)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f'GradientClippingCB: {nm} must be a number > 0, got {v!r}')
+        for nm, v in (('max_norm', max_norm), ('norm_type', norm_type)): check_number(f'GradientClippingCB: {nm}', v, gt=0)
         self.max_norm, self.norm_type = max_norm, norm_type
         self.norm: torch.Tensor | None = None  # the last total norm before clipping, on the device (reading it syncs)
 
@@ -48,8 +47,9 @@ class GradientAccumulationCB(Callback):
     for the window and added back unscaled.
 
     The epoch's last window ends at its last batch (known from len(learn.dl)) and steps through the normal path.
-    For a loader without a length the pending window steps in after_epoch, replaying after_backward, step,
-    after_step, zero_grad and cleanup_batch there (not after_batch: metrics already saw every micro-batch).
+    For a loader without a length the pending window steps in after_epoch through `learn.apply_step()` (the train
+    step's tail: after_backward, step, after_step, zero_grad), then cleanup_batch (not after_batch: metrics already saw
+    every micro-batch).
     Gradients never cross epochs: a window left open by a cancelled epoch or fit is dropped. `bs_func(batch)` counts
     a batch's samples (default: `batch_size`, the len of its first element); return token counts for a loss averaged
     over tokens. Optimiser steps per epoch: ceil(batches / n).
@@ -57,8 +57,7 @@ class GradientAccumulationCB(Callback):
     order = -30  # first of the gradient callbacks: later ones must see the whole window's gradient
 
     def __init__(self, n: int, bs_func: Callable[[Any], int] = batch_size):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f'GradientAccumulationCB: n (micro-batches per optimiser step) must be an int >= 1, got {n!r}')
+        check_int('GradientAccumulationCB: n (micro-batches per optimiser step)', n, 1)
         if not callable(bs_func): raise TypeError(f'GradientAccumulationCB: bs_func must be callable, got {bs_func!r}')
         self.n, self.bs_func = n, bs_func
         self.count = self.samples = 0  # micro-batches and samples in the open window
@@ -94,11 +93,7 @@ class GradientAccumulationCB(Callback):
         if not self.count: return self._drop_window()  # a window opened by a batch cancelled before its backward
         self._flushing = True  # the loader had no length: its last window is known to be over only now
         try:
-            learn.callback('after_backward')
-            learn.step()
-            learn.callback('after_step')
-            learn.zero_grad()
-        except CancelStepException: learn.zero_grad()  # a skipped last step must not carry into the next epoch
+            if not learn.apply_step(): learn.zero_grad()  # a skipped last step must not carry into the next epoch
         finally:
             self._flushing = False
             learn.callback('cleanup_batch')  # per-step bookkeeping lives there too (MixedPrecisionCB's scaler update)

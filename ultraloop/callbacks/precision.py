@@ -1,11 +1,13 @@
-"""Mixed precision through events only: autocast around predict and loss, and for float16 a gradient scaler."""
+"""Mixed precision: autocast around predict and loss, and for float16 a gradient scaler; through events only
+(MixedPrecisionCB, composes with any step provider) or as the course's step provider (MixedPrecision)."""
 from __future__ import annotations
 
 import torch
 
 from ..learner import Callback, CancelStepException
+from .core import TrainCB
 
-__all__ = ['MixedPrecisionCB', 'MixedTrainingCB']
+__all__ = ['MixedPrecisionCB', 'MixedTrainingCB', 'MixedPrecision']
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -106,3 +108,16 @@ class MixedTrainingCB(MixedPrecisionCB):
     many times slower than float32. Pass `dtype` to choose."""
     def __init__(self, dtype: torch.dtype | None = None, device_type: str | None = None):
         super().__init__(dtype, device_type)
+
+
+class MixedPrecision(TrainCB, MixedPrecisionCB):
+    """The course's (miniai's) mixed precision: a `TrainCB` that also autocasts, so `Learner(model, dls, loss,
+    cbs=[DeviceCB(), MixedPrecision()])` trains with no other step provider. The autocast and the float16 gradient
+    scaler are MixedPrecisionCB's, through the same events: the step methods are TrainCB's (`n_inp` as there), the
+    loss is scaled after get_loss for backward only, and a step whose gradients overflowed is skipped. Default dtype:
+    float16 with the scaler on CUDA (miniai's), bfloat16 elsewhere (CPU float16 kernels are many times slower).
+    Unlike miniai's (order 10), it runs at MixedPrecisionCB's order -20, so GradientClippingCB clips true gradients."""
+
+    def __init__(self, n_inp: int = 1, dtype: torch.dtype | None = None, device_type: str | None = None):
+        TrainCB.__init__(self, n_inp)
+        MixedPrecisionCB.__init__(self, dtype, device_type)

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from ..learner import Callback
+from ..utils import check_number
 from ..plotting import in_notebook
-from .metrics import MetricsCB, _metrics_cb, _plot_phase_means
+from .metrics import _metrics_cb, _plot_phase_means, format_row
 
 __all__ = ['ProgressCB']
 
@@ -32,36 +33,43 @@ class ProgressCB(Callback):
     terminal: redirected to a file, bars would be kilobytes of carriage returns, so each phase prints one line instead
     (the table row, or without MetricsCB the phase's batch count, last loss and time)."""
     order = -5  # its after_epoch closes the batch bar before MetricsCB's row is printed
+    _mbar = _bar = None  # the epochs and batch bars, made at the first phase
 
     def __init__(self, plot: bool = False, refresh: float = 1.0, path: str | os.PathLike | None = None,
                  bars: bool | None = None):
-        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or refresh < 0:
-            raise ValueError(f'refresh is seconds between loss reads, a number >= 0; got {refresh!r}')
-        if bars not in (None, True, False): raise ValueError(f'bars must be True, False or None (auto), got {bars!r}')
+        check_number('ProgressCB: refresh (seconds between loss reads)', refresh, ge=0)
+        if bars not in (None, True, False): raise ValueError(f'ProgressCB: bars must be True, False or None (auto), got {bars!r}')
         self._tqdm, self.plot, self.refresh, self.path, self.bars = _tqdm(), plot, refresh, path, bars
         if plot:
-            from ..plotting import get_plt
-            get_plt()  # a missing matplotlib fails here, not after the first epoch
+            from ..plotting import _matplotlib
+            _matplotlib()  # a missing matplotlib fails here, not after the first epoch
         self.losses: list[tuple[float, float]] = []  # (epoch + fraction done, train loss) as read for the display
         self._handle = None
         self._started = False  # this fit's before_fit ran here: cleanup_fit has something to undo
 
+    @property
+    def mbar(self):
+        """The epochs bar (a tqdm bar, where the course's fastprogress has a master_bar), from the first phase on:
+        subclasses may attach their own state to it. The batch bar of the current phase is `self.pbar`."""
+        return self._mbar
+
+    @property
+    def pbar(self): return self._bar
+
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
-        self._metrics = m = _metrics_cb(learn)
-        self._took_log = m is not None and type(m)._log is MetricsCB._log and '_log' not in vars(m)
-        if self._took_log: m._log = self._write_row  # the table replaces the default print; an overridden _log stays
+        self.rows: list[dict] = []  # MetricsCB's rows of this fit, as handed to log_metrics
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
         self._show_bars = self.bars if self.bars is not None else in_notebook() or sys.stderr.isatty()
+        self._phase_lines = not self._show_bars and _metrics_cb(learn) is None  # else MetricsCB's rows are the lines
         self._started = True
 
     def before_epoch(self, learn):
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
-        if not self._show_bars:
-            self._bar = _NoBar()
+        if not self._show_bars: self._bar = _NoBar()
         else:
-            # smoothing=0: the rate is epochs done over time elapsed; an average over the moments of the last two
-            # updates would take a short valid phase for a whole epoch
+            # smoothing=0: the rate is epochs done over the time elapsed; tqdm's default, a moving average over the
+            # intervals between updates, would take the short valid phase before an update for a whole epoch
             if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch', smoothing=0)
             if learn.epoch > self._mbar.n: self._mbar.update(learn.epoch - self._mbar.n)
             self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
@@ -94,9 +102,11 @@ class ProgressCB(Callback):
     def _close_bar(self) -> None:
         if self._bar is not None: self._bar.close(); self._bar = None
 
-    def _write_row(self, d: dict) -> None:
-        """One line of the epoch table (a header first): MetricsCB's dict and the phase's time."""
-        d = {**d, 'time': _mmss(_clock() - self._t0)}
+    def log_metrics(self, learn, row: dict) -> None: self.rows.append(row)  # for the loss plot
+
+    def print_metrics(self, learn, row: dict) -> None:
+        """One line of the epoch table (a header first), in place of MetricsCB's printed dict: its row and the time."""
+        d = {**format_row(row), 'time': _mmss(_clock() - self._t0)}
         widths = [max(len(k), 7) + 2 for k in d]
         if self._header != list(d):
             self._header = list(d)
@@ -104,8 +114,7 @@ class ProgressCB(Callback):
         self._tqdm.write(''.join(str(v).ljust(w) for v, w in zip(d.values(), widths)).rstrip())
 
     def cleanup_epoch(self, learn):
-        # no bar: an earlier callback's before_epoch failed, there is no phase to report
-        if not self._show_bars and self._metrics is None and self._bar is not None: self._write_phase_line(learn)
+        if self._phase_lines and self._bar is not None: self._write_phase_line(learn)  # no bar: no phase began
         self._close_bar()
         if self.plot and in_notebook(): self._draw(live=True)
 
@@ -115,7 +124,8 @@ class ProgressCB(Callback):
         loss = learn.__dict__.get('loss')
         shown = f', loss {loss.item():.4f}' if n and isinstance(loss, torch.Tensor) else ''
         phase = 'train' if learn.training else 'valid'
-        self._tqdm.write(f'{phase} epoch {learn.epoch}: {n} batch{"" if n == 1 else "es"}{shown}, {_mmss(_clock() - self._t0)}')
+        self._tqdm.write(f'{phase} epoch {learn.epoch}: {n} batch{"" if n == 1 else "es"}{shown}, '
+                         f'{_mmss(_clock() - self._t0)}')
 
     def after_fit(self, learn):
         if self._mbar is not None and learn.n_epochs > self._mbar.n: self._mbar.update(learn.n_epochs - self._mbar.n)
@@ -125,17 +135,16 @@ class ProgressCB(Callback):
         self._started = False
         self._close_bar()
         if self._mbar is not None: self._mbar.close()
-        if self._took_log: del self._metrics._log
         if self.plot and not in_notebook(): self._draw(live=False)
 
     def _draw(self, live: bool) -> Path | None:
-        from ..plotting import get_plt, show_or_save
-        plt = get_plt()
-        fig = _loss_figure(plt, self.losses, self._metrics.history if self._metrics is not None else [])
+        from ..plotting import show_or_save
+        fig = _loss_figure(self.losses, self.rows)
         if not live: return show_or_save(fig, self.path, 'progress.png')
         from IPython.display import display
         if self._handle is None: self._handle = display(fig, display_id=True)
         else: self._handle.update(fig)
+        import matplotlib.pyplot as plt
         plt.close(fig)
         return None
 
@@ -149,9 +158,10 @@ class _NoBar:
     def close(self) -> None: pass
 
 
-def _loss_figure(plt, samples: list[tuple[float, float]], history: list[dict]):
+def _loss_figure(samples: list[tuple[float, float]], history: list[dict]):
     """The train loss as sampled for the display, and each phase's mean loss at the end of its epoch."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from ..plotting import subplots
+    fig, ax = subplots(figsize=(6, 3.5))
     if samples: ax.plot(*zip(*samples), alpha=0.5, label='train (samples)')
     _plot_phase_means(ax, history, 'loss')
     ax.set_ylabel('loss')

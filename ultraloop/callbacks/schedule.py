@@ -1,23 +1,29 @@
-"""Learning-rate schedules: torch.optim.lr_scheduler stepped per batch or per epoch, and fit_one_cycle."""
+"""Learning-rate schedules: torch.optim.lr_scheduler stepped per batch or per epoch, fit_one_cycle, and recording
+hyper-parameters per batch (RecorderCB)."""
 from __future__ import annotations
 
-import math
+import os
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
+import torch
 from torch.optim import lr_scheduler
 
-from ..learner import Callback, _as_cbs
+from ..learner import Callback, Learner, _as_cbs
+from ..utils import check_int, check_number
 
-__all__ = ['BatchSchedCB', 'EpochSchedCB']  # fit_one_cycle: use learn.fit_one_cycle
+__all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'RecorderCB']  # fit_one_cycle: use learn.fit_one_cycle
 
 # hyper-parameters a scheduler may cycle (OneCycleLR, CyclicLR); restored after fit so later fits use the user's
 _CYCLED = ('momentum', 'betas')
 
 
-class _SchedCB(Callback):
-    """Creates `sched_func(learn.opt)` at fit start and records in `lrs` the learning rate (first parameter group)
-    each scheduler step followed. Each fit starts a new schedule from that fit's lr."""
+class BaseSchedCB(Callback):
+    """The base of the schedule callbacks: creates `sched_func(learn.opt)` at fit start (`sched`; miniai's name for it,
+    `schedo`, works too); `_step(learn)` steps it in training phases and records in `lrs` the learning rate (first
+    parameter group) each step followed. A subclass says when to step: `def after_batch(self, learn): self._step(learn)`.
+    Each fit starts a new schedule from that fit's lr."""
 
     def __init__(self, sched_func: Callable):
         if not callable(sched_func):
@@ -41,28 +47,72 @@ class _SchedCB(Callback):
                             f'torch.optim.lr_scheduler.LRScheduler built on the optimiser it is given')
         self.sched, self.lrs = sched, []
 
+    @property
+    def schedo(self): return self.sched
+
     def _step(self, learn) -> None:
-        self.lrs.append(learn.opt.param_groups[0]['lr'])
+        if not learn.training: return
+        self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
 
     def cleanup_fit(self, learn):
+        if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
+            self.lrs = torch.stack([torch.as_tensor(v) for v in self.lrs]).double().tolist()
         if self._saved is None: return  # this fit's before_fit did not get this far: nothing to put back
         for g, saved in zip(learn.opt.param_groups, self._saved): g.update(saved)
         self._saved = None  # a later fit failing before its before_fit must not restore these stale values
 
 
-class BatchSchedCB(_SchedCB):
+class BatchSchedCB(BaseSchedCB):
     """Steps a torch LR scheduler after every optimiser step. A step skipped through CancelStepException (gradient
     accumulation, a mixed-precision overflow) does not advance it. `lrs`: the lr each step used."""
+    cuda_graph_host_after_step = True  # under CudaGraphCB it steps on the host between replays, writing a device lr
 
     def after_step(self, learn): self._step(learn)
 
 
-class EpochSchedCB(_SchedCB):
+class EpochSchedCB(BaseSchedCB):
     """Steps a torch LR scheduler after each training phase. `lrs`: the lr each epoch used."""
 
-    def after_epoch(self, learn):
-        if learn.training: self._step(learn)
+    def after_epoch(self, learn): self._step(learn)
+
+
+class RecorderCB(Callback):
+    """Records, after each training batch, `f(self)` for each `name=f` given: `RecorderCB(lr=lambda cb: cb.pg['lr'],
+    mom=lambda cb: cb.pg['betas'][0])`, where `self.pg` is the optimiser's first parameter group. `recs` maps each name
+    to its list of values (one per training batch of the last fit); `plot()` draws them. Functions that read the
+    param group cost no host-device sync; one that reads a tensor's value does, every batch."""
+
+    def __init__(self, **d: Callable):
+        if not d: raise ValueError("RecorderCB needs something to record: RecorderCB(lr=lambda cb: cb.pg['lr'])")
+        for k, f in d.items():
+            if not callable(f):
+                raise TypeError(f'RecorderCB: {k}={f!r} is not callable; pass a function of the callback, e.g. '
+                                f"{k}=lambda cb: cb.pg['lr']")
+        self.d = d
+        self.recs: dict[str, list] = {k: [] for k in d}
+        self.pg: dict | None = None
+
+    def before_fit(self, learn):
+        if learn.opt is None: raise ValueError(f'{self.name} reads learn.opt: pass opt_func to Learner or set learn.opt')
+        self.recs = {k: [] for k in self.d}
+        self.pg = learn.opt.param_groups[0]
+
+    def after_batch(self, learn):
+        if not learn.training: return
+        for k, f in self.d.items(): self.recs[k].append(f(self))
+
+    def plot(self, figsize=None, path: str | os.PathLike | None = None) -> Path | None:
+        """One panel per recorded name against the training batch: inline in a notebook, else saved to `path`
+        (default recorder.png). Returns the PNG's path, or None."""
+        from ..plotting import show_or_save, subplots
+        if not any(self.recs.values()): raise ValueError('nothing recorded yet: fit with this callback in cbs first')
+        fig, axs = subplots(1, len(self.recs), figsize=figsize or (4 * len(self.recs), 3), squeeze=False)
+        for ax, (k, v) in zip(axs[0], self.recs.items()):
+            ax.plot(v)
+            ax.set_title(k); ax.set_xlabel('batch')
+        fig.tight_layout()
+        return show_or_save(fig, path, 'recorder.png')
 
 
 def _steps_per_epoch(learn, cbs) -> int:
@@ -81,15 +131,16 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
     (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...). Returns the schedule callback."""
-    if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
-        raise ValueError(f'fit_one_cycle: n_epochs must be an int >= 1, got {n_epochs!r}')
-    if isinstance(lr_max, bool) or not isinstance(lr_max, (int, float)) or not 0 < lr_max < math.inf:
-        raise ValueError(f'fit_one_cycle: lr_max must be a finite number > 0, got {lr_max!r}')
+    check_int('fit_one_cycle: n_epochs', n_epochs, 1)
+    check_number('fit_one_cycle: lr_max', lr_max, gt=0, finite=True)
     cbs = _as_cbs(cbs)
     total = n_epochs * _steps_per_epoch(learn, cbs)
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max)
     return sched
+
+
+Learner.fit_one_cycle = fit_one_cycle  # learn.fit_one_cycle(...)
 
 
 def _one_cycle(opt, cycle_momentum: bool | None, **kwargs) -> lr_scheduler.OneCycleLR:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..learner import Callback, CancelBatchException, _installed_hooks
+from ..learner import Callback, _installed_hooks
+from ..utils import check_int
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
 
@@ -61,90 +62,103 @@ class CompileCB(Callback):
 
 # Callbacks whose handlers between predict and step may be captured in the graph: they do device work only, with
 # no host sync and no Python state that must change per batch. A callback declares it with `cuda_graph_safe = True`.
+# A callback whose after_step may run on the host after each replayed step (a schedule writing the lr) declares
+# `cuda_graph_host_after_step = True`.
 _STEP_EVENTS = ('after_predict', 'after_loss', 'after_backward', 'after_step')
+_CYCLED = ('momentum', 'betas')  # hyper-parameters a graph bakes in as constants: a change needs a new capture
 
 
 class CudaGraphCB(Callback):
-    """Captures the whole train step (predict, loss, backward, optimiser step, zero_grad, and the graph-safe callbacks
-    between them) in one CUDA graph, and replays it for every full-size train batch: on a launch-bound GPU (a small
-    model) this removes nearly all per-kernel launch cost. The first `warmup` train batches run eagerly on a side
-    stream (optimiser state and libraries initialise there), the next is captured and replayed; a batch of another
-    shape (the last, smaller one), the valid phase, and any batch after the learning rate changed run eagerly (the
-    graph is captured anew after an lr change, e.g. from an epoch schedule). A replayed batch fires before_batch,
-    after_batch and cleanup_batch: learn.preds and learn.loss hold its outputs, so metrics count it.
+    """Replaces the train step (`learn.train_step`, predict to zero_grad with the graph-safe callbacks between) with one
+    CUDA graph replayed for every full-size train batch: on a launch-bound GPU (a small model) this removes nearly all
+    per-kernel launch cost. The graph records the Learner's own train step, the function eager batches run, so the two
+    cannot diverge. The first `warmup` train batches run eagerly on a side stream (optimiser state and libraries
+    initialise there), the next is captured and replayed; a batch of another shape (the last, smaller one) and the
+    valid phase run eagerly. learn.preds and learn.loss hold each replay's outputs, so metrics count it.
 
-    Falls back to the eager loop, with a one-line message saying why, when the model is not on a CUDA device, a
-    callback must run Python between predict and step (a handler of after_predict, after_loss, after_backward or
-    after_step on a callback without `cuda_graph_safe = True`), the model has forward hooks (Python that would run
-    at capture only, e.g. ActivationStatsCB's), the batch is not a list of tensors, capture fails
-    (a host sync such as `.item()` inside the step, an optimiser without `capturable=True` where torch needs it), or
-    the lr changes within an epoch more than once. Results equal the eager step's: the graph replays its kernels.
+    Schedules: where the optimiser can read its lr from the device (Adam and AdamW, made `capturable`), each group's lr
+    becomes a device tensor for the fit, so a per-batch schedule (BatchSchedCB, fit_one_cycle) writes it between
+    replays and the graph is kept; its after_step runs on the host after each replay. Elsewhere (SGD), and when
+    momentum or betas change (fit_one_cycle cycles them unless `cycle_momentum=False`), the graph is captured anew;
+    more than one new capture in an epoch falls back to eager. Other fallbacks, each with a one-line reason: the model
+    is not on a CUDA device, a callback runs Python between predict and step (a handler of after_predict, after_loss,
+    after_backward or after_step without `cuda_graph_safe = True`), the model has forward hooks (they would run at
+    capture only), the batch is not a list of tensors, or capture fails (a host sync such as `.item()` in the step).
     """
-    order = 1_000  # before_batch last: the batch is on the device and in its memory format, autocast is entered
-    reuses_outputs = True  # learn.preds and learn.loss are the graph's buffers: MetricsCB copies what it keeps
+    order = 1_000  # before_batch last: the batch is on the device and in its memory format
 
     def __init__(self, warmup: int = 3):
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f'CudaGraphCB: warmup (eager train batches before capture) must be an int >= 1, got {warmup!r}')
-        self.warmup, self._side = warmup, None
+        self.warmup = check_int('CudaGraphCB: warmup (eager train batches before capture)', warmup, 1)
         self.reason: str | None = None  # why the last fit ran eagerly; None: it used the graph
         self.replays = 0  # batches the graph ran, over the last fit
 
     def before_fit(self, learn):
-        self.graph, self.replays, self._warm, self._side = None, 0, 0, None
+        self.graph, self.replays, self._warm, self._lr_tensors = None, 0, 0, False
+        self._eager = type(learn).train_step  # the one train step: what eager batches run and what the graph records
         self.reason = _graph_blocker(learn, self)
-        if self.reason: print(f'CudaGraphCB: {self.reason}; training eagerly')
-        else: self._stream = torch.cuda.Stream()
+        if self.reason:
+            print(f'CudaGraphCB: {self.reason}; training eagerly')
+            return
+        self._stream = torch.cuda.Stream()
+        self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
+                      if getattr(cb, 'cuda_graph_host_after_step', False)]
+        groups = learn.opt.param_groups
+        if self._host and all('capturable' in g for g in groups):  # Adam family: lr read from the device
+            dev = next(learn.model.parameters()).device
+            for g in groups: g['lr'], g['capturable'] = torch.tensor(float(g['lr']), device=dev), True
+            self._lr_tensors = True
 
     def before_epoch(self, learn): self._recaptures = 0
 
-    def before_batch(self, learn):
-        if self.reason is not None or not learn.training: return
+    def train_step(self, learn):
+        if self.reason is not None: return self._eager(learn)
         if self._warm < self.warmup:  # eager, on the side stream the graph will be captured on
             self._warm += 1
             self._stream.wait_stream(torch.cuda.current_stream())
-            self._side = torch.cuda.stream(self._stream)
-            self._side.__enter__()
-            return
+            with torch.cuda.stream(self._stream): self._eager(learn)
+            return torch.cuda.current_stream().wait_stream(self._stream)
         b = learn.batch
-        if self.graph is not None and self._lrs != [g['lr'] for g in learn.opt.param_groups]:
+        if self.graph is not None and self._baked != _baked(learn.opt, self._lr_tensors):
             self._recaptures += 1
-            if self._recaptures > 1: return self._give_up('the learning rate changes within an epoch')
+            if self._recaptures > 1:
+                self._give_up('the learning rate, momentum or betas change within an epoch, and this optimiser bakes '
+                              'them into the graph (a capturable Adam/AdamW with cycle_momentum=False keeps it)')
+                return self._eager(learn)
             self.graph = None
         if self.graph is None:
-            if not self._capture(learn, b): return  # capture was impossible: this batch runs eagerly
+            if not self._capture(learn, b): return self._eager(learn)
         elif len(b) == len(self._static) and all(t.shape == s.shape for t, s in zip(b, self._static)):
             for s, t in zip(self._static, b): s.copy_(t)
-        else: return  # another shape: this batch runs eagerly
+        else: return self._eager(learn)  # another shape
         self.graph.replay()
         self.replays += 1
         learn.preds, learn.loss = self._preds, self._loss
-        learn.callback('after_batch')
-        raise CancelBatchException()  # the graph did this batch's step: skip the eager one
+        for f in self._host: f(learn)
 
-    def cleanup_batch(self, learn):
-        if self._side is not None:
-            self._side.__exit__(None, None, None)
-            self._side = None
-            torch.cuda.current_stream().wait_stream(self._stream)
-
-    def cleanup_fit(self, learn): self.graph = self._static = self._preds = self._loss = None  # frees the graph's memory
+    def cleanup_fit(self, learn):
+        self.graph = self._static = self._preds = self._loss = None  # frees the graph's memory
+        if self._lr_tensors:  # the user's optimiser gets its plain floats back
+            for g in learn.opt.param_groups: g['lr'] = float(g['lr'])
+            self._lr_tensors = False
 
     def _capture(self, learn, b) -> bool:
         if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
         learn.batch, graph, main = self._static, torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        table = learn._handlers  # host after_step handlers run after each replay, so not inside the recorded step
+        learn._handlers = {**table, 'after_step': tuple(f for f in table['after_step'] if f not in self._host)}
         try:
-            with torch.cuda.graph(graph, stream=self._stream): _train_step(learn)
+            with torch.cuda.graph(graph, stream=self._stream): self._eager(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
             torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
             learn.batch = b
             msg = str(e).strip().splitlines()
             return self._give_up(f'capture failed ({type(e).__name__}: {msg[0][:120] if msg else ""})')
-        # outputs live in the graph's memory and are overwritten by the next replay: copy them to keep them
+        finally: learn._handlers = table
+        # outputs live in the graph's memory and are overwritten by the next replay
         self.graph, self._preds, self._loss = graph, learn.preds, learn.loss
-        self._lrs = [g['lr'] for g in learn.opt.param_groups]
+        self._baked = _baked(learn.opt, self._lr_tensors)
         return True
 
     def _give_up(self, reason: str) -> bool:
@@ -153,21 +167,19 @@ class CudaGraphCB(Callback):
         return False
 
 
-def _train_step(learn) -> None:
-    """The train part of `Learner._one_batch`, from predict to zero_grad, as the graph records it."""
-    cb = learn.callback
-    learn.predict(); cb('after_predict')
-    learn.get_loss(); loss = learn.loss; cb('after_loss')
-    learn.backward(); learn.loss = loss; cb('after_backward')
-    learn.step(); cb('after_step')
-    learn.zero_grad()
+def _baked(opt, lr_on_device: bool) -> list:
+    """The hyper-parameters the captured step holds as constants: momentum and betas, and the lr unless it is read
+    from a device tensor."""
+    keys = _CYCLED if lr_on_device else ('lr', *_CYCLED)
+    return [[g.get(k) for k in keys] for g in opt.param_groups]
 
 
 def _graph_blocker(learn, graph_cb: CudaGraphCB) -> str | None:
     """Why the train step cannot be captured, known at fit start; None if nothing stands in the way."""
     for cb in learn.cbs:
         if cb is graph_cb or getattr(cb, 'cuda_graph_safe', False): continue
-        evs = [ev for ev in _STEP_EVENTS if getattr(cb, ev, None) is not None]
+        host_step = getattr(cb, 'cuda_graph_host_after_step', False)
+        evs = [ev for ev in _STEP_EVENTS if getattr(cb, ev, None) is not None and not (host_step and ev == 'after_step')]
         if evs: return (f'{cb!r} runs Python in {", ".join(evs)}, between predict and step (a callback doing only '
                         f'device work there can say so with cuda_graph_safe = True)')
         if getattr(cb, 'before_batch', None) is not None and getattr(cb, 'order', 0) > graph_cb.order:
