@@ -2,6 +2,7 @@
 and TensorBoardCB (rows equal MetricsCB's history)."""
 import csv
 import os
+import re
 import sys
 
 import pytest
@@ -120,6 +121,52 @@ def test_an_error_in_an_earlier_before_fit_propagates_unchanged(tmp_path, capsys
     capsys.readouterr()
     learn.fit(1)
     assert capsys.readouterr().out.splitlines()[0].startswith("{'accuracy': ")  # MetricsCB prints its dicts again
+
+
+def test_epoch_bar_rate_and_eta_count_whole_epochs(monkeypatch, capsys):
+    import tqdm.std
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, 'time', lambda: now[0])  # the clock tqdm reads: 1 s per train batch, 0.5 s per valid
+    prog, shown = ProgressCB(bars=True), []
+
+    class ClockCB(Callback):
+        order = 0  # after ProgressCB (-5) has updated the epochs bar
+        def after_batch(self, learn): now[0] += 1.0 if learn.training else 0.5
+        def before_epoch(self, learn):
+            if learn.training and learn.epoch: shown.append(str(prog.mbar))
+
+    learn, _ = learner(20, cbs=[prog, ClockCB()])  # 16 train and 4 valid batches: 18 s an epoch
+    learn.fit(3)
+    assert [re.search(r'\d/\d \[.*\]$', s).group() for s in shown] == ['1/3 [00:18<00:36, 18.00s/epoch]',
+                                                                      '2/3 [00:36<00:18, 18.00s/epoch]']
+
+
+def test_without_a_terminal_each_phase_is_one_line(capsys):
+    dls = DataLoaders.from_tensors(*toy_data(32, 16), bs=8, seed=0)
+    learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[ProgressCB()])  # no MetricsCB: its own line
+    learn.fit(2)
+    out, err = capsys.readouterr()
+    assert err == ''  # stderr is not a terminal here: no bar
+    assert re.fullmatch(r'train epoch 0: 4 batches, loss \d\.\d{4}, 00:00\nvalid epoch 0: 2 batches, loss \d\.\d{4}, 00:00\n'
+                        r'train epoch 1: 4 batches, loss \d\.\d{4}, 00:00\nvalid epoch 1: 2 batches, loss \d\.\d{4}, 00:00\n',
+                        out)
+    learn.fit(1, cbs=[MetricsCB()])
+    assert capsys.readouterr().out.splitlines()[0].split() == ['loss', 'epoch', 'train', 'time']  # the table's rows instead
+
+
+def test_csv_floats_are_written_as_their_float32_value(tmp_path, capsys):
+    class Exact:
+        """A metric whose value is float32's 1.0000001 (1 + 2**-23), which a float prints as 1.0000001192092896."""
+        def reset(self): pass
+        def update(self, p, y): pass
+        def compute(self): return torch.tensor(1 + 2**-23, dtype=torch.float32)
+
+    dls = DataLoaders.from_tensors(*toy_data(16, 8), bs=8, seed=0)
+    m = MetricsCB(exact=Exact())
+    learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[m, CSVLoggerCB(tmp_path / 'h.csv')])
+    learn.fit(1)
+    assert m.history[0]['exact'] == 1.0000001192092896
+    assert [r[0] for r in read_csv(tmp_path / 'h.csv')[1:]] == ['1.0000001', '1.0000001']
 
 
 def test_progress_arguments_are_checked():
