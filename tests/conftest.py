@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny learnable data and models, made in the test, no downloads."""
+"""Shared test helpers: tiny learnable data and models, made in the test, no downloads; bitwise comparison."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,3 +24,17 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_same(a, b, where: str = '') -> None:
+    """Bitwise equality of nested tensors, dicts, lists, tuples, numpy arrays and plain values; `where` names the spot."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a: assert_same(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)): assert_same(x, y, f'{where}[{i}]')
+    elif isinstance(a, np.ndarray): assert np.array_equal(a, b), where
+    else: assert a == b, f'{where}: {a!r} != {b!r}'

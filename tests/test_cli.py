@@ -74,6 +74,10 @@ def test_console_script_is_installed_and_answers():
     ([], r'^ultraloop: error: the following arguments are required: COMMAND'),
     (['fit', '--data-dir', 'data'], r'--data-dir is for --data fashion-mnist; the digits ship with scikit-learn'),
     (['lr-find', '--data', 'fashion-mnist', '--data-dir', 'no/such/dir'], r'--data-dir no/such/dir is not a folder'),
+    (['fit', '--every-batches', '3'], r'--every-batches needs --checkpoint-dir DIR, the folder of the checkpoints'),
+    (['fit', '--resume'], r'--resume needs --checkpoint-dir DIR, the folder of the checkpoints'),
+    (['fit', '--checkpoint-dir', 'README.md'], r'--checkpoint-dir README.md is a file; give a folder'),
+    (['fit', '--early-stop', '0'], r'argument --early-stop: must be >= 1, got 0'),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e: main(argv)
@@ -282,3 +286,35 @@ def test_unwritable_out_and_save_name_the_option(tmp_path, capsys):
         with pytest.raises(SystemExit) as e: main(['fit', *map(str, argv)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f'ultraloop fit: error: {message}') and err.count('\n') == 1
+
+
+def test_fit_stopped_by_ctrl_c_goes_on_with_resume_as_if_never_stopped(tmp_path, monkeypatch, capsys, keep_threads):
+    import os
+    import signal
+
+    from ultraloop import Callback, cli
+
+    class CtrlC(Callback):
+        def __init__(self): self.n = 0
+        def after_backward(self, learn):
+            self.n += 1
+            if self.n == 30: os.kill(os.getpid(), signal.SIGINT)  # epoch 1 (23 batches an epoch), between backward and step
+
+    def fit(csv, ck, *extra):
+        return main(['fit', '--model', 'mlp', '--epochs', '2', '--threads', '1', '--out', str(tmp_path / 'run'),
+                     '--csv', str(tmp_path / csv), '--checkpoint-dir', str(tmp_path / ck), '--every-batches', '10',
+                     '--early-stop', '3', *extra])
+    assert fit('whole.csv', 'a') == 0
+    metric_cbs = cli._metric_cbs
+    monkeypatch.setattr(cli, '_metric_cbs', lambda: [*metric_cbs(), CtrlC()])
+    capsys.readouterr()
+    assert fit('parts.csv', 'b') == 130
+    err = capsys.readouterr().err
+    assert f'checkpoint in {tmp_path / "b"}: the same command with --resume goes on from there' in err
+    assert (tmp_path / 'b' / 'checkpoint-000003-epoch1-train7.pt').is_file()  # 10, 20, the epoch end, then ctrl-C
+    monkeypatch.setattr(cli, '_metric_cbs', metric_cbs)
+    assert fit('parts.csv', 'b', '--resume') == 0
+    assert f'resuming from {tmp_path / "b" / "checkpoint-000003-epoch1-train7.pt"}' in capsys.readouterr().out
+    assert (tmp_path / 'parts.csv').read_text() == (tmp_path / 'whole.csv').read_text()  # every number, to the last bit
+    assert fit('fresh.csv', 'c', '--resume') == 0  # nothing to resume from yet: a run from the start
+    assert f'no checkpoint in {tmp_path / "c"} yet: starting from the beginning' in capsys.readouterr().out

@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same
 from torch import nn, optim
 from torch.nn import functional as F
 
@@ -41,21 +42,6 @@ class Counter(Callback):
 class Augment(Callback):
     """Draws from python's and numpy's RNGs each batch, as augmentation code does."""
     def before_batch(self, learn): random.random(); np.random.rand()
-
-
-def assert_same(a, b):
-    """Bitwise equality of nested tensors, dicts, lists and plain values."""
-    if isinstance(a, torch.Tensor): assert a.dtype == b.dtype and torch.equal(a, b); return
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a: assert_same(a[k], b[k])
-        return
-    if isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b): assert_same(x, y)
-        return
-    if isinstance(a, np.ndarray): assert np.array_equal(a, b); return
-    assert a == b
 
 
 def snapshot(learn):

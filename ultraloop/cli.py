@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                           f'{DEFAULT_LR["adamw"]} for adamw)')
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.add_argument('--checkpoint-dir', type=Path, default=None, metavar='DIR',
+                     help='write a checkpoint to DIR at every epoch end and on ctrl-C (CheckpointCB), keeping the newest 2')
+    fit.add_argument('--every-batches', type=_int_at_least(1), default=None, metavar='K',
+                     help='also checkpoint every K training batches (needs --checkpoint-dir)')
+    fit.add_argument('--resume', action='store_true',
+                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped (give the '
+                          'options it was started with); with none there yet, start from the beginning')
+    fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
+                     help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--save', type=Path, default=None, metavar='PATH',
                      help="save the trained weights (the model's state_dict) to this file; "
                           'torch.load(PATH, weights_only=True) reads them back')
@@ -213,10 +222,10 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
 
 
 def _columns() -> list[str]:
-    return ['accuracy', 'loss', 'epoch', 'train']  # what _metrics_cb logs: a --csv file is checked against it up front
+    return ['accuracy', 'loss', 'epoch', 'train']  # what _metric_cbs logs: a --csv file is checked against it up front
 
 
-def _metrics_cb():
+def _metric_cbs() -> list:
     from torchmetrics.classification import MulticlassAccuracy
 
     from .callbacks import MetricsCB
@@ -224,7 +233,7 @@ def _metrics_cb():
     # for MulticlassAccuracy is the macro mean over classes)
     m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=N_CLASSES, average='micro'))
     assert m.columns == _columns()
-    return m
+    return [m]
 
 
 def _train(learn, out: Path, run) -> int:
@@ -276,7 +285,7 @@ def _demo(args) -> int:
     lr = _lr_find_quietly(learn, out)
     if lr is None: lr = DEFAULT_LR['adamw']; print(f'no suggested lr (the loss shows no clear descent); using lr {lr:g}')
     else: print(f'suggested lr: {lr:.3g}')
-    learn.add_cb(_metrics_cb())
+    learn.add_cbs(_metric_cbs())
     print(f'fit_one_cycle({args.epochs}, lr_max={lr:.3g})')
     if code := _train(learn, out, lambda cbs: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)): return code
     print(f'valid: {_last_valid(learn)}')
@@ -284,18 +293,45 @@ def _demo(args) -> int:
     return 0
 
 
+def _check_long_run_args(args) -> None:
+    ck = args.checkpoint_dir
+    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume)):
+        if given and ck is None: args.parser.error(f'{flag} needs --checkpoint-dir DIR, the folder of the checkpoints')
+    if ck is not None and ck.exists() and not ck.is_dir(): args.parser.error(f'--checkpoint-dir {ck} is a file; give a folder')
+
+
 def _fit(args) -> int:
     _check_data_args(args)
+    _check_long_run_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
     out = _run_dir(args, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
-    learn.add_cb(_metrics_cb())
+    learn.add_cbs(_metric_cbs())
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
-    if args.one_cycle: code = _train(learn, out, lambda cbs: learn.fit_one_cycle(args.epochs, lr, cbs=cbs))
-    else: code = _train(learn, out, lambda cbs: learn.fit(args.epochs, lr=lr, cbs=cbs))
-    if code: return code
+    resume, ck, stop = None, args.checkpoint_dir, None
+    if args.early_stop is not None:
+        from .callbacks import EarlyStoppingCB
+        learn.add_cb(stop := EarlyStoppingCB(patience=args.early_stop))
+    if ck is not None:
+        from .callbacks import CheckpointCB
+        from .state import newest_checkpoint
+        learn.add_cb(CheckpointCB(ck, every_batches=args.every_batches))
+        newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
+        if newest is not None: resume = ck; print(f'resuming from {newest}')
+        elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
+
+    def run(cbs):
+        try:
+            if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, cbs=cbs, resume=resume)
+            else: learn.fit(args.epochs, lr=lr, cbs=cbs, resume=resume)
+        except KeyboardInterrupt:
+            if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
+            raise
+    if code := _train(learn, out, run): return code
+    if stop is not None and stop.stopped_epoch is not None:
+        print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
     print(f'valid: {_last_valid(learn)}')
     print(f'run folder: {out} (metrics.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
     if args.save is not None:

@@ -76,8 +76,10 @@ class TensorLoader:
 
     Several times cheaper than `DataLoader(TensorDataset(...))`, which indexes sample by sample and collates.
     With `device`, the tensors are moved there once and batches are cut on the device. The shuffle order is a
-    permutation drawn from the loader's own seeded generator, so a run can be reproduced and resumed: `state_dict()`
-    holds the generator state, `order` the current epoch's permutation.
+    permutation drawn from the loader's own seeded generator, so a run can be reproduced and resumed; `order` is the
+    current epoch's permutation. `state_dict()` says where the loader is: the generator state the epoch's order was
+    drawn from (which redraws it exactly) and how many of its batches were handed out; after `load_state_dict` the
+    next iteration goes on from that batch of that order (or starts a new epoch where the saved one had ended).
     """
 
     def __init__(self, *tensors: torch.Tensor, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
@@ -95,25 +97,50 @@ class TensorLoader:
         if seed is None: seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
         self.generator = torch.Generator().manual_seed(seed)
         self.order: torch.Tensor | None = None
+        self._drawn_from = None  # the generator state `order` was drawn from: replaying it redraws the order exactly
+        self._pos, self._open, self._resume = 0, False, False  # batches handed out; epoch not run to its end; go on
 
     def __len__(self) -> int:
         return self.n // self.bs if self.drop_last else (self.n + self.bs - 1) // self.bs
 
     def __iter__(self):
         ts, bs = self.tensors, self.bs
-        stop = len(self) * bs
+        if self._resume: self._resume = False  # load_state_dict: go on with the loaded epoch from its position
+        else: self._new_epoch()
+        self._open = True
+        idx = self.order
+        for i in range(self._pos * bs, len(self) * bs, bs):
+            self._pos += 1
+            if idx is None: yield [t[i:i + bs] for t in ts]  # views, no copy
+            else:
+                j = idx[i:i + bs]
+                yield [t[j] for t in ts]
+        self._open = False
+
+    def _new_epoch(self) -> None:
+        self._pos = 0
         if not self.shuffle:
-            self.order = None
-            for i in range(0, stop, bs): yield [t[i:i + bs] for t in ts]  # views, no copy
+            self.order = self._drawn_from = None
             return
-        self.order = torch.randperm(self.n, generator=self.generator).to(ts[0].device)
-        for i in range(0, stop, bs):
-            j = self.order[i:i + bs]
-            yield [t[j] for t in ts]
+        self._drawn_from = self.generator.get_state()
+        self.order = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device)
 
-    def state_dict(self) -> dict: return {'generator': self.generator.get_state()}
+    def state_dict(self) -> dict:
+        """Where the loader is: `generator`, the state the current (or last) epoch's order was drawn from when `drawn`,
+        else the generator's state now; `batch`, how many batches of an epoch not yet run to its end were handed out
+        (None when it ended or none began)."""
+        drawn = self._drawn_from is not None
+        return {'generator': self._drawn_from if drawn else self.generator.get_state(), 'drawn': drawn,
+                'batch': self._pos if self._open else None}
 
-    def load_state_dict(self, state: dict) -> None: self.generator.set_state(state['generator'])
+    def load_state_dict(self, state: dict) -> None:
+        """Put the loader where `state_dict()` said it was: the order is redrawn (so `order` and the generator are as
+        they were), and an unfinished epoch goes on at its next batch when the loader is next iterated."""
+        self.generator.set_state(state['generator'])
+        self.order = self._drawn_from = None
+        if state.get('drawn'): self._new_epoch()
+        batch = state.get('batch')
+        self._pos, self._open, self._resume = batch or 0, batch is not None, batch is not None
 
 
 class DataLoaders:

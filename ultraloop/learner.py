@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import difflib
+import os
+import signal
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
@@ -9,6 +12,7 @@ import torch
 from torch import nn, optim
 from torch.nn import functional as F
 
+from . import state
 from .utils import check_int, check_number, module_names
 
 __all__ = ['EVENTS', 'STEP_METHODS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
@@ -122,17 +126,22 @@ class Learner:
     Attributes callbacks may read (r) or write (w):
       model (rw), dls (r), loss_func (r), lr (r), opt (rw: created at fit start from opt_func), opt_func (r),
       cbs (r: change it with add_cb / rm_cb), n_epochs, epochs (r), epoch (r), training (r: model.training),
-      dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw).
+      dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw),
+      interrupted (r: a ctrl-C came during this fit; the loop stops when the current batch's cleanup_batch is done).
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`.
     """
+
+    interrupted = False
+    _sigint = False  # set by the ctrl-C handler fit installs (see _DeferredInterrupt)
+    _stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
+    _resume = None  # a state.Resume while fit(resume=...) picks a run up
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
                  cbs=None, opt_func: Callable | None = optim.SGD):
         _check_loss_func(loss_func); check_number('lr', lr, ge=0, finite=True); _check_opt_func(opt_func)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.opt = None
-        self._stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
         self._opt_params: list[int] = []
         self.cbs: list = []
         self.add_cbs(cbs)
@@ -189,60 +198,87 @@ class Learner:
     @property
     def training(self) -> bool: return self.model.training
 
-    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None) -> None:
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None,
+            resume=None) -> None:
         """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
-        `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with."""
+        `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with.
+        `resume`: a checkpoint file, a folder (its newest checkpoint) or a `state_dict()`: the fit goes on from the very
+        batch after the one the state was captured at, as if the run had never stopped. A ctrl-C waits for the
+        current batch to end (a second one interrupts at once), then raises KeyboardInterrupt."""
         self._check_fit_args(n_epochs, train, valid, lr)
         cbs = _as_cbs(cbs)
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
             self._check_steps(train)
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
+            self._resume = None if resume is None else state.Resume(self, resume, n_epochs)  # read and checked first
+            self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
+            self._loaded_position = None
             self._prepare_opt(self.lr if lr is None else lr)
             if self._stale_grads: self._clear_grads()
-            try: self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)
+            try:
+                with _DeferredInterrupt(self):
+                    self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train,
+                                      valid)
+                    if self._sigint: raise KeyboardInterrupt  # a ctrl-C that came after the last batch
             except BaseException:
-                # the gradients stay for inspection; the next fit starts without them (a successful fit keeps them,
-                # as MomentumLearner needs)
-                self._stale_grads = True
+                # an error (not a ctrl-C deferred to a batch's end) may leave a half-made step's .grad: it stays for
+                # inspection, and the next fit starts without it (a successful fit keeps it, as MomentumLearner needs)
+                if not self.interrupted: self._stale_grads = True
                 raise
         finally:
+            self._resume = None
             if cbs: self.rm_cbs(cbs)
 
     def _do_fit(self, train: bool, valid: bool) -> None:
-        for self.epoch in self.epochs:
-            if train: self.one_epoch(True)
+        epoch, phase = 0, 'train'
+        if self._resume is not None: epoch, phase = self._resume.start(self)  # after before_fit made what it makes
+        for self.epoch in self.epochs[epoch:]:
+            if train and phase == 'train': self.one_epoch(True)
+            phase = 'train'
             if valid:
                 with torch.no_grad(): self.one_epoch(False)
 
     def one_epoch(self, training: bool) -> None:
         self.model.train(training)
-        self.dl = self.dls.train if training else self.dls.valid
+        self.dl = self._phase_dl = self.dls.train if training else self.dls.valid
         self._with_events(self._do_epoch, 'before_epoch', 'after_epoch', 'cleanup_epoch', CancelEpochException)
 
     def _do_epoch(self) -> None:
-        self.iter = -1
-        for self.iter, self.batch in enumerate(self.dl):
-            if self.iter == 0: self._check_batch()
+        start, batches = self._enter_phase()
+        self._in_phase, self.iter = True, start - 1
+        for self.iter, self.batch in enumerate(batches, start):
+            if self.iter == start: self._check_batch()
             self._one_batch()
-        if self.iter < 0: raise self._no_batches(self.training, self.dl)
+        if self.iter < 0: raise self._no_batches(self.training, self.dl)  # (a resumed phase starts past batch 0)
+        self._in_phase, self._last_phase = False, (self.epoch, self.training)
+
+    def _enter_phase(self) -> tuple[int, Any]:
+        """The batch this phase starts at and what to iterate: 0 and learn.dl, or where a resumed run stopped. Records
+        the RNG states a DataLoader draws this epoch's order from, which a checkpoint inside the phase needs."""
+        if self._resume is not None: return self._resume.enter_phase(self, self._phase_dl, self.dl)
+        self._phase_rng = state.phase_start(self._phase_dl)
+        return 0, self.dl
 
     # The per-batch methods run each event's handlers with an inline loop over self._handlers[event]: a call of
     # self.callback per event costs about 1 % of a small CPU step (bench/overhead.py's core case), measurable there.
     def _one_batch(self) -> None:
         h = self._handlers
         try:
-            for f in h['before_batch']: f(self)
-            if self.training: self.train_step()
-            else:
-                self.predict()
-                for f in h['after_predict']: f(self)
-                self.get_loss()
-                for f in h['after_loss']: f(self)
-            for f in h['after_batch']: f(self)
-        except CancelBatchException: pass
+            try:
+                for f in h['before_batch']: f(self)
+                if self.training: self.train_step()
+                else:
+                    self.predict()
+                    for f in h['after_predict']: f(self)
+                    self.get_loss()
+                    for f in h['after_loss']: f(self)
+                for f in h['after_batch']: f(self)
+            except CancelBatchException: pass
+            self.interrupted = self._sigint  # read once, at the batch's end: CheckpointCB's cleanup_batch and the raise agree
         finally:
             for f in h['cleanup_batch']: f(self)
+        if self.interrupted: raise KeyboardInterrupt
 
     def train_step(self) -> None:
         """The train step, from predict to zero_grad, with the events between. The one place it is written: a callback
@@ -343,6 +379,28 @@ class Learner:
         else:
             for g in self.opt.param_groups: g['lr'] = lr
 
+    # ---- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything the run holds (see `state.learner_state`): weights, gradients, optimiser, each stateful callback's
+        `state_dict()`, the loaders, the RNGs and where the loop is. Tensors are the live ones: save or copy it."""
+        return state.learner_state(self)
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Put back a `state_dict()`: weights, gradients, optimiser (made first if this learner has none yet),
+        callbacks' states (matched by class and order: a mismatch is an error naming it), loaders and RNGs. To go on
+        from where it was captured, pass it to `fit(resume=sd)` instead."""
+        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr))
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole)."""
+        state.save_file(self.state_dict(), path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Read a state saved by `save_state` or CheckpointCB (with `torch.load(weights_only=True)`: a file holding any
+        other pickled object is refused unread) and `load_state_dict` it."""
+        sd = state.load_file(path)
+        state.load_learner_state(self, sd, str(path), create_opt=lambda: self._prepare_opt(self.lr))
+
     # ---- debugging ------------------------------------------------------------------------------------------
     def show_training_loop(self) -> None:
         """Print the loop's events in order with the callbacks that run at each, and who provides each step."""
@@ -393,6 +451,29 @@ def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:
             who = repr(owner) if owner is not None else getattr(fn, '__qualname__', repr(fn))
             found.setdefault(who, []).append(f'{names[id(m)]} ({type(m).__name__})')
     return found
+
+
+class _DeferredInterrupt:
+    """During fit, a ctrl-C (SIGINT) only sets `learn._sigint`; the loop raises KeyboardInterrupt once the current batch
+    has ended, so no optimiser step is half applied (and CheckpointCB can write a last checkpoint). A second ctrl-C
+    interrupts at once. Installed only in the main thread, over Python's default handler, and only for the fit."""
+
+    def __init__(self, learn): self.learn, self.prev = learn, None
+
+    def __enter__(self):
+        self.learn._sigint = False
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.learn._sigint: raise KeyboardInterrupt  # the second ctrl-C
+        self.learn._sigint = True
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is not None: signal.signal(signal.SIGINT, self.prev)
+        self.learn._sigint = False
 
 
 class _BoundStep:

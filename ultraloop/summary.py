@@ -1,11 +1,7 @@
 """Model summary: each layer's name, type, shapes, parameters and approximate MFLOPs, from one forward without side effects."""
 from __future__ import annotations
 
-import copy
-import random
-import sys
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +12,7 @@ from .callbacks.hooks import Hooks, _is_leaf
 from .data import to_device
 from .utils import is_int, module_names
 from .learner import Learner
+from .state import Snapshot
 
 __all__ = ['LayerInfo', 'ModelSummary', 'model_summary']
 
@@ -86,42 +83,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return t.device if t is not None else torch.device('cpu')
 
 
-@contextmanager
-def _untouched(model: nn.Module):
-    """Restores every module's train/eval mode, the buffers (e.g. BatchNorm statistics) and the RNGs afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng, py_rng = torch.get_rng_state(), random.getstate()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    np = sys.modules.get('numpy')
-    np_rng = np.random.get_state() if np is not None else None
-    try: yield
-    finally:
-        for m, mode in modes: m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers: b.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        random.setstate(py_rng)
-        if cuda_rng is not None: torch.cuda.set_rng_state_all(cuda_rng)
-        if np_rng is not None: np.random.set_state(np_rng)
-
-
-def _first_batch(dl):
-    """The loader's first batch, leaving its shuffle state (generator, `order`, `state_dict`) as it was."""
-    gens = [g for g in (getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None))
-            if isinstance(g, torch.Generator)]
-    gen_states = [g.get_state() for g in gens]
-    state = copy.deepcopy(dl.state_dict()) if callable(getattr(dl, 'load_state_dict', None)) else None
-    has_order, order = hasattr(dl, 'order'), getattr(dl, 'order', None)
-    try:
-        try: return next(iter(dl))
-        except StopIteration: raise ValueError('dls.train is empty: pass batch=... or input_shape=(...)') from None
-    finally:
-        for g, s in zip(gens, gen_states): g.set_state(s)
-        if state is not None: dl.load_state_dict(state)
-        if has_order: dl.order = order
-
-
 def _model_input(learn, batch, input_shape, device: torch.device):
     if batch is not None and input_shape is not None:
         raise ValueError('pass batch or input_shape, not both: batch is a real batch, input_shape makes a random one')
@@ -137,7 +98,8 @@ def _model_input(learn, batch, input_shape, device: torch.device):
     if batch is None:
         dl = getattr(learn.dls, 'train', None)
         if dl is None: raise ValueError('learn.dls has no .train to take a batch from: pass batch=... or input_shape=(...)')
-        batch = _first_batch(dl)
+        try: batch = next(iter(dl))  # the Snapshot puts the loader's order and position back
+        except StopIteration: raise ValueError('dls.train is empty: pass batch=... or input_shape=(...)') from None
     if isinstance(batch, (list, tuple)) and batch: batch = batch[0]  # (x, y, ...): the model sees x
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f'summary feeds the model one tensor; got a {type(batch).__name__}: pass batch=x (a tensor), '
@@ -163,7 +125,8 @@ def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None)
     model = learn.model
     if not isinstance(model, nn.Module): raise TypeError(f'learn.model must be a torch.nn.Module, got {type(model).__name__}')
     device = _model_device(model)
-    with _untouched(model):
+    saved = Snapshot(learn, weights=False)
+    try:
         x = _model_input(learn, batch, input_shape, device)
         bs = x.shape[0] if x.ndim else 1
         names = module_names(model)
@@ -173,6 +136,7 @@ def model_summary(learn, batch=None, input_shape: tuple[int, ...] | None = None)
 
         model.eval()  # BatchNorm uses, not updates, its statistics; dropout off
         with Hooks(list(model.modules()), record), torch.no_grad(), FlopCounterMode(display=False) as counter: model(x)
+    finally: saved.restore()  # modes, buffers, the loader's order and position, the RNGs
     flops = _flops_per_module(model, counter)
     n_calls = Counter(id(m) for m, _, _ in calls)
     rows, seen = [], set()

@@ -3,6 +3,8 @@ from .accel import *  # noqa: F401,F403
 from .accel import __all__ as _accel
 from .augment import *  # noqa: F401,F403
 from .augment import __all__ as _augment
+from .checkpoint import *  # noqa: F401,F403
+from .checkpoint import __all__ as _checkpoint
 from .core import *  # noqa: F401,F403
 from .core import __all__ as _core
 from .debug import *  # noqa: F401,F403
@@ -29,4 +31,4 @@ from .speed import *  # noqa: F401,F403
 from .speed import __all__ as _speed
 
 __all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs, *_speed,
-           *_accel, *_augment, *_safety]
+           *_accel, *_augment, *_safety, *_checkpoint]

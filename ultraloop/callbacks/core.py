@@ -59,7 +59,9 @@ class _Prefetch:
         return getattr(self.dl, name)
 
     def __iter__(self):
-        it = iter(self.dl)
+        return self._batches(iter(self.dl))  # the loader's iterator is made now, as iterating the loader itself would
+
+    def _batches(self, it):
         nxt = self._load(it)
         while nxt is not _END:
             if self.stream is not None:

@@ -1,18 +1,15 @@
 """The learning-rate finder: train with a growing lr until the loss blows up, suggest an lr, then undo it all."""
 from __future__ import annotations
 
-import copy
 import math
 import os
-import random
 import statistics
-import sys
 import warnings
-from collections import OrderedDict
 
 import torch
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
+from ..state import Snapshot
 from ..utils import check_int, check_number
 from .schedule import BaseSchedCB
 
@@ -141,16 +138,16 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
     """Train from `start_lr`, multiplying the lr by `gamma` (the seed's `lr_mult`) each batch, until the smoothed loss
     exceeds `max_mult` times its minimum (at most `max_epochs` train phases, no valid phases); plot loss against lr;
     return `suggest_lr`'s lr or None. miniai's signature, plus the keyword-only `plot`, `plot_path` and `lr_mult`.
-    Afterwards the learner is as it was: weights, gradients, optimiser state and lrs, learner attributes, callbacks
-    (and the state of those with state_dict), loaders' generators, and the torch, CUDA, python and numpy RNGs, so a
-    fit after lr_find equals a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
+    Afterwards the learner is as it was (`state.Snapshot`: weights, gradients, optimiser state and lrs, learner
+    attributes, callbacks and their states, loaders' order and position, and every RNG), so a fit after lr_find equals
+    a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
     gamma = _growth('lr_find', gamma, lr_mult, max_mult)
     check_number('lr_find: start_lr', start_lr, gt=0, finite=True)
     check_int('lr_find: max_epochs', max_epochs, 1)
     if not isinstance(learn.model, torch.nn.Module):
         raise TypeError(f'lr_find: model must be a torch.nn.Module, got {type(learn.model).__name__}')
     finder = LRFinderCB(gamma, max_mult)
-    saved = _LearnerState(learn)
+    saved = Snapshot(learn)
     try:
         scheds = [cb for cb in learn.cbs if isinstance(cb, BaseSchedCB)]
         if scheds: learn.rm_cbs(scheds)  # they would overwrite the finder's lrs
@@ -163,58 +160,3 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
 
 
 Learner.lr_find = lr_find  # learn.lr_find(...): attached here, so the core knows nothing of the finder
-
-
-def _cpu_clone(x):
-    """A copy with every tensor cloned to the CPU (keeps a GPU model's snapshot out of GPU memory)."""
-    if isinstance(x, torch.Tensor): return x.detach().to('cpu', copy=True)
-    if isinstance(x, dict): return {k: _cpu_clone(v) for k, v in x.items()}
-    if type(x) in (list, tuple): return type(x)(_cpu_clone(v) for v in x)
-    return copy.deepcopy(x)
-
-
-def _generators(dl) -> list[torch.Generator]:
-    found = [getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)]
-    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
-
-
-class _LearnerState:
-    """Everything a fit changes, copied so it can be put back bitwise."""
-
-    def __init__(self, learn):
-        self.learn, self.attrs, self.cbs = learn, dict(learn.__dict__), list(learn.cbs)
-        self.model, self.opt = learn.model, learn.opt
-        sd = self.model.state_dict()
-        self.weights = OrderedDict(_cpu_clone(dict(sd)))
-        self.weights._metadata = copy.deepcopy(getattr(sd, '_metadata', None))  # module versions, as load_state_dict wants
-        self.modes = [m.training for m in self.model.modules()]
-        self.grads = [(p, None if p.grad is None else _cpu_clone(p.grad)) for p in self.model.parameters()]
-        self.opt_state = None if self.opt is None else _cpu_clone(self.opt.state_dict())
-        self.cb_states = [(cb, _cpu_clone(cb.state_dict())) for cb in self.cbs
-                          if callable(getattr(cb, 'state_dict', None)) and callable(getattr(cb, 'load_state_dict', None))]
-        dls = [getattr(learn.dls, nm, None) for nm in ('train', 'valid')]
-        self.dl_states = [(dl, _cpu_clone(dl.state_dict())) for dl in dls if callable(getattr(dl, 'load_state_dict', None))]
-        self.gen_states = [(g, g.get_state()) for dl in dls if not callable(getattr(dl, 'load_state_dict', None))
-                           for g in _generators(dl)]
-        self.rng = {'torch': torch.get_rng_state(), 'random': random.getstate()}
-        if torch.cuda.is_available(): self.rng['cuda'] = torch.cuda.get_rng_state_all()
-        if torch.backends.mps.is_available(): self.rng['mps'] = torch.mps.get_rng_state()
-        if 'numpy' in sys.modules: self.rng['numpy'] = sys.modules['numpy'].random.get_state()
-
-    def restore(self) -> None:
-        learn = self.learn
-        learn.__dict__.clear()
-        learn.__dict__.update(self.attrs)  # loop state, opt, model, dls and the callback table as they were
-        learn.cbs[:] = self.cbs
-        self.model.load_state_dict(self.weights)
-        for m, mode in zip(self.model.modules(), self.modes): m.training = mode
-        for p, g in self.grads: p.grad = None if g is None else g.to(p.device)
-        if self.opt is not None: self.opt.load_state_dict(self.opt_state)
-        for cb, state in self.cb_states: cb.load_state_dict(state)
-        for dl, state in self.dl_states: dl.load_state_dict(state)
-        for g, state in self.gen_states: g.set_state(state)
-        torch.set_rng_state(self.rng['torch'])
-        random.setstate(self.rng['random'])
-        if 'cuda' in self.rng: torch.cuda.set_rng_state_all(self.rng['cuda'])
-        if 'mps' in self.rng: torch.mps.set_rng_state(self.rng['mps'])
-        if 'numpy' in self.rng: sys.modules['numpy'].random.set_state(self.rng['numpy'])

@@ -78,6 +78,20 @@ class _Rows:
         self.y[n:n + k].copy_(y)
         self.n = n + k
 
+    def state(self) -> dict | None:
+        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
+        return None if self.p is None else {'p': self.p[:self.n], 'y': self.y[:self.n], 'cap': len(self.p)}
+
+    def load(self, s: dict | None, device) -> None:
+        self.p = self.y = None
+        self.n = 0
+        if s is None: return
+        p, y = s['p'].to(device), s['y'].to(device)
+        self.p, self.y = p.new_empty((s['cap'], *p.shape[1:])), y.new_empty((s['cap'], *y.shape[1:]))
+        self.p[:len(p)].copy_(p)
+        self.y[:len(y)].copy_(y)
+        self.n = len(p)
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's rows; the next add allocates anew, so a metric may keep what it is given."""
         if not self.n: return None
@@ -99,7 +113,11 @@ class MetricsCB(Callback):
     buffer (`buffer_bytes`) handed to the metrics in one `update` per chunk, when full and at the phase end. For metrics
     that accumulate over samples (accuracy, F1, MSE, AUROC, ...: the classification and regression metrics of
     torchmetrics and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value
-    depends on how the samples are split into batches (a running mean over a window of batches)."""
+    depends on how the samples are split into batches (a running mean over a window of batches).
+
+    `state_dict()` holds `history` and, inside a phase, what the phase has gathered so far (the loss sum, each metric's
+    state and the buffered rows), so a run resumed mid-phase reports the numbers it would have. A metric's state is
+    read through torchmetrics' `metric_state` or the metric's own `state_dict`/`load_state_dict` (torcheval)."""
     order = 0
     buffer_bytes = 4 * 2**20  # device memory holding predictions and targets between metric updates
 
@@ -133,6 +151,7 @@ class MetricsCB(Callback):
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
         self._rows, self._losses = _Rows(self.buffer_bytes), []
+        self._in_phase = True
 
     def after_batch(self, learn):
         try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
@@ -177,13 +196,55 @@ class MetricsCB(Callback):
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
                           f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
                           f'stops a fit at the first such batch)', stacklevel=2)
+        self._in_phase = False
         self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
+
+    def cleanup_epoch(self, learn): self._in_phase = False
+
+    def state_dict(self) -> dict:
+        s = {'history': [dict(r) for r in self.history], 'phase': None}
+        if getattr(self, '_in_phase', False):
+            total = self.loss.total
+            s['phase'] = {'loss': {'total': total, 'weight': self.loss.weight}, 'rows': self._rows.state(),
+                          'device': str(total.device) if total is not None else 'cpu',
+                          'metrics': {k: _metric_state(k, m) for k, m in self.metrics.items()}}
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(r) for r in state['history']]
+        ph = state['phase']
+        if ph is None: return
+        dev = torch.device(ph['device'])  # where the phase's batches are (a checkpoint is read onto the CPU)
+        if dev.type == 'cuda' and not torch.cuda.is_available(): dev = torch.device('cpu')
+        total = ph['loss']['total']
+        self.loss.total, self.loss.weight = None if total is None else total.to(dev), ph['loss']['weight']
+        self._rows = _Rows(self.buffer_bytes)
+        self._rows.load(ph['rows'], dev)
+        for k, m in self.metrics.items(): _load_metric_state(m, ph['metrics'][k])
+        self._device = None  # the next update moves the metrics, with the states just loaded, to the batches' device
+        self._in_phase = True
 
     @property
     def columns(self) -> list[str]:
         """The keys of each `history` row (and of each logged dict), in order."""
         return [*self.all_metrics, 'epoch', 'train']
+
+
+def _metric_state(name: str, m) -> dict:
+    if hasattr(m, 'metric_state') and hasattr(m, '_defaults'):  # torchmetrics: its states are attributes
+        return {'states': dict(m.metric_state), 'updates': m._update_count}
+    if callable(getattr(m, 'state_dict', None)) and callable(getattr(m, 'load_state_dict', None)):
+        return {'state_dict': m.state_dict()}
+    raise ValueError(f'MetricsCB cannot save metric {name!r} in the middle of a phase: a {type(m).__name__} has no '
+                     f'state_dict()/load_state_dict(); give it those, or checkpoint only at epoch ends')
+
+
+def _load_metric_state(m, s: dict) -> None:
+    if 'states' in s:
+        for k, v in s['states'].items(): setattr(m, k, v)
+        m._update_count, m._computed = s['updates'], None
+    else: m.load_state_dict(s['state_dict'])
 
 
 def _metrics_cb(learn) -> MetricsCB | None:

@@ -52,7 +52,9 @@ class GradientAccumulationCB(Callback):
     every micro-batch).
     Gradients never cross epochs: a window left open by a cancelled epoch or fit is dropped. `bs_func(batch)` counts
     a batch's samples (default: `batch_size`, the len of its first element); return token counts for a loss averaged
-    over tokens. Optimiser steps per epoch: ceil(batches / n).
+    over tokens. Optimiser steps per epoch: ceil(batches / n). `state_dict()` holds the open window (its counts and
+    the gradients set aside; the window's own gradients are in the learner's state), so a run resumed inside a window
+    steps exactly as it would have.
     """
     order = -30  # first of the gradient callbacks: later ones must see the whole window's gradient
 
@@ -120,6 +122,25 @@ class GradientAccumulationCB(Callback):
         for p in self._params: p.grad = None
         for p, g in self._set_aside: p.grad = g
         self._set_aside, self.count, self.samples = None, 0, 0
+
+    def state_dict(self) -> dict:
+        window = None
+        if self._set_aside is not None:
+            at = {id(p): i for i, p in enumerate(self._params)}
+            window = {'count': self.count, 'samples': self.samples, 'ref': self._ref,
+                      'set_aside': [[at[id(p)], g] for p, g in self._set_aside]}
+        return {'window': window}
+
+    def load_state_dict(self, state: dict) -> None:
+        w = state['window']
+        if w is None:  # the gradients are the learner's (already loaded): only forget the window
+            self._set_aside, self.count, self.samples = None, 0, 0
+            return
+        if not self._params:
+            raise ValueError(f'{self.name}: an open accumulation window loads into a fit in progress; pass the state to '
+                             f'learn.fit(resume=...)')
+        self.count, self.samples, self._ref = w['count'], w['samples'], w['ref']
+        self._set_aside = [(self._params[i], g.to(self._params[i].device)) for i, g in w['set_aside']]
 
     def steps_per_epoch(self, n_batches: int) -> int:
         """Optimiser steps an epoch of `n_batches` batches makes."""

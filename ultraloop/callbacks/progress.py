@@ -66,13 +66,13 @@ class ProgressCB(Callback):
 
     def before_epoch(self, learn):
         n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
-        if not self._show_bars: self._bar = _NoBar()
-        else:
-            # smoothing=0: the rate is epochs done over the time elapsed; tqdm's default, a moving average over the
-            # intervals between updates, would take the short valid phase before an update for a whole epoch
-            if self._mbar is None: self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch', smoothing=0)
-            if learn.epoch > self._mbar.n: self._mbar.update(learn.epoch - self._mbar.n)
-            self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch')
+        off = not self._show_bars  # the bars still exist (subclasses read mbar.total), drawing nothing
+        # smoothing=0: the rate is epochs done over the time elapsed; tqdm's default, a moving average over the
+        # intervals between updates, would take the short valid phase before an update for a whole epoch
+        if self._mbar is None:
+            self._mbar = self._tqdm(total=learn.n_epochs, desc='epochs', unit='epoch', smoothing=0, disable=off)
+        if learn.epoch > self._mbar.n: self._mbar.update(learn.epoch - self._mbar.n)
+        self._bar = self._tqdm(total=n, desc='train' if learn.training else 'valid', leave=False, unit='batch', disable=off)
         self._t0, self._next, self._n, self._pending = _clock(), 0.0, n, False  # a copy from the last phase is stale
 
     def after_batch(self, learn):
@@ -120,7 +120,7 @@ class ProgressCB(Callback):
 
     def _write_phase_line(self, learn) -> None:
         """Without bars and without MetricsCB's table: the phase's batches, last loss (one read) and time."""
-        n = self._bar.n
+        n = learn.__dict__.get('iter', -1) + 1  # a drawn-nothing bar counts nothing
         loss = learn.__dict__.get('loss')
         shown = f', loss {loss.item():.4f}' if n and isinstance(loss, torch.Tensor) else ''
         phase = 'train' if learn.training else 'valid'
@@ -147,15 +147,6 @@ class ProgressCB(Callback):
         import matplotlib.pyplot as plt
         plt.close(fig)
         return None
-
-
-class _NoBar:
-    """What ProgressCB updates in place of a bar when it shows none: counts the batches."""
-    def __init__(self): self.n = 0
-
-    def update(self, n: int = 1) -> None: self.n += n
-    def set_postfix_str(self, s: str, refresh: bool = True) -> None: pass
-    def close(self) -> None: pass
 
 
 def _loss_figure(samples: list[tuple[float, float]], history: list[dict]):

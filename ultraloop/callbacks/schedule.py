@@ -23,7 +23,8 @@ class BaseSchedCB(Callback):
     """The base of the schedule callbacks: creates `sched_func(learn.opt)` at fit start (`sched`; miniai's name for it,
     `schedo`, works too); `_step(learn)` steps it in training phases and records in `lrs` the learning rate (first
     parameter group) each step followed. A subclass says when to step: `def after_batch(self, learn): self._step(learn)`.
-    Each fit starts a new schedule from that fit's lr."""
+    Each fit starts a new schedule from that fit's lr; `state_dict()` holds the scheduler's own state, so a resumed fit
+    goes on with the schedule where it was instead of starting it again."""
 
     def __init__(self, sched_func: Callable):
         if not callable(sched_func):
@@ -54,6 +55,18 @@ class BaseSchedCB(Callback):
         if not learn.training: return
         self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
+
+    def state_dict(self) -> dict:
+        return {'sched': None if self.sched is None else self.sched.state_dict(), 'lrs': list(self.lrs),
+                'saved': self._saved}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state['sched'] is not None:
+            if self.sched is None:
+                raise ValueError(f'{self.name}: a schedule state loads into a fit in progress; pass it to '
+                                 f'learn.fit(resume=...), which loads it once the scheduler exists')
+            self.sched.load_state_dict(state['sched'])
+        self.lrs, self._saved = list(state['lrs']), state['saved']
 
     def cleanup_fit(self, learn):
         if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
@@ -126,17 +139,18 @@ def _steps_per_epoch(learn, cbs) -> int:
     return n
 
 
-def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum: bool | None = None,
+def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum: bool | None = None, resume=None,
                   **sched_kwargs) -> BatchSchedCB:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
-    (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...). Returns the schedule callback."""
+    (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...); `resume` to `learn.fit` (the schedule
+    goes on from its saved state). Returns the schedule callback."""
     check_int('fit_one_cycle: n_epochs', n_epochs, 1)
     check_number('fit_one_cycle: lr_max', lr_max, gt=0, finite=True)
     cbs = _as_cbs(cbs)
     total = n_epochs * _steps_per_epoch(learn, cbs)
     sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
-    learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max)
+    learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max, resume=resume)
     return sched
 
 

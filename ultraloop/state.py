@@ -1,0 +1,408 @@
+"""Everything a run holds (model, optimiser, callbacks' states, loaders, RNGs, where the loop is) captured and put back
+in one place, and the checkpoint files that carry it: written atomically, read without unpickling any object."""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import random
+import re
+import sys
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+__all__ = ['learner_state', 'load_learner_state', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
+           'checkpoint_name', 'newest_checkpoint', 'cpu_copy', 'Snapshot']
+
+FORMAT = 'ultraloop.state'  # every state dict says what it is, so a stray file is refused by name
+VERSION = 1
+_CHECKPOINT = re.compile(r'checkpoint-(\d+)(?:-[\w-]*)?\.pt')  # what CheckpointCB writes; temporary files start with '.'
+
+
+# ---- random number generators ---------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """The state of every RNG a run draws from: Python's, numpy's global one (if numpy is imported), torch's CPU one,
+    every CUDA device's (once CUDA is initialised: before that nothing has drawn from them) and MPS's."""
+    s = {'python': random.getstate(), 'torch': torch.get_rng_state()}
+    np = sys.modules.get('numpy')
+    if np is not None:
+        _, key, pos, has_gauss, gauss = np.random.get_state()
+        s['numpy'] = {'key': torch.from_numpy(key.astype('int64')), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                      'gauss': float(gauss)}  # tensors and numbers, so the file loads with weights_only
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available(): s['mps'] = torch.mps.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    """Put back the RNG states `rng_state()` returned."""
+    random.setstate(_as_tuples(s['python']))
+    torch.set_rng_state(s['torch'])
+    if 'numpy' in s:
+        import numpy as np
+        n = s['numpy']
+        np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    if 'cuda' in s and torch.cuda.is_available():
+        for i, st in enumerate(s['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(st, i)
+    if 'mps' in s and torch.backends.mps.is_available(): torch.mps.set_rng_state(s['mps'])
+
+
+def _as_tuples(x):
+    """random.setstate wants the tuples getstate gave; a saved state comes back from a file with lists in places."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---- loaders --------------------------------------------------------------------------------------------------------
+def _stateful(o) -> bool:
+    return callable(getattr(o, 'state_dict', None)) and callable(getattr(o, 'load_state_dict', None))
+
+
+def _generators(dl) -> list[torch.Generator]:
+    """The torch generators a loader draws its order from (a DataLoader's and its samplers'), each once."""
+    sampler = getattr(dl, 'sampler', None)
+    found = [getattr(dl, 'generator', None), getattr(sampler, 'generator', None),
+             getattr(getattr(getattr(dl, 'batch_sampler', None), 'sampler', None), 'generator', None)]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+def loader_state(dl) -> dict | None:
+    """What a loader needs to go on as it would have: its own `state_dict()` (TensorLoader, torchdata's
+    StatefulDataLoader), else the states of the generators it draws its order from (a torch DataLoader)."""
+    if dl is None: return None
+    if _stateful(dl): return {'state': dl.state_dict()}
+    return {'generators': [g.get_state() for g in _generators(dl)]}
+
+
+def load_loader_state(dl, s: dict | None) -> None:
+    if s is None or dl is None: return
+    if 'state' in s: return dl.load_state_dict(s['state'])
+    for g, st in zip(_generators(dl), s['generators']): g.set_state(st)
+
+
+def phase_start(dl) -> dict | None:
+    """Taken just before a phase iterates `dl`: the RNG states its iterator draws the epoch's order from. A torch
+    DataLoader draws a base seed from its generator (else torch's global RNG) when iterated, then its RandomSampler a
+    seed; replaying these states redraws that order after a resume. None for a loader that says where it is itself."""
+    if dl is None or _stateful(dl): return None
+    # a DataLoader with persistent workers draws its base seed only when it makes its iterator, its first epoch
+    new_iter = not (getattr(dl, 'persistent_workers', False) and getattr(dl, '_iterator', None) is not None)
+    return {'torch': torch.get_rng_state(), 'generators': [g.get_state() for g in _generators(dl)], 'new_iter': new_iter}
+
+
+class _SkipBatches:
+    """Stands in for a DataLoader's batch sampler (or sampler) for one iteration: the sampler's RNG draws are replayed
+    from the epoch's start and its first `k` index lists are skipped, so no skipped sample is loaded; then the RNGs are
+    put back as they were at the checkpoint. Later iterations are the sampler's own."""
+
+    def __init__(self, dl, attr: str, k: int, start: dict, now: torch.Tensor):
+        self.dl, self.attr, self.inner, self.k, self.start, self.now = dl, attr, getattr(dl, attr), k, start, now
+
+    def __len__(self) -> int: return len(self.inner)
+
+    def __getattr__(self, name: str):
+        if name == 'inner': raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        object.__setattr__(self.dl, self.attr, self.inner)  # DataLoader refuses to set it; only this iteration skips
+        return iter(self.inner) if self.k is None else self._skip()
+
+    def _skip(self):
+        # runs when the iterator first asks for indices (a worker iterator makes and drops one sampler iterator before
+        # the one it uses): after it drew its base seed, before the sampler draws
+        k, self.k = self.k, None
+        if k is None: yield from self.inner; return
+        torch.set_rng_state(self.start['torch'])
+        gens = _generators(self.dl)
+        for g, st in zip(gens, self.start['generators']): g.set_state(st)
+        if self.start['new_iter']: torch.empty((), dtype=torch.int64).random_(generator=self.dl.generator)
+        it = iter(self.inner)
+        for _ in range(k): next(it, None)
+        torch.set_rng_state(self.now)
+        yield from it
+
+
+def _position_dataloader(dl, k: int, start: dict, now: torch.Tensor) -> None:
+    attr = 'batch_sampler' if dl.batch_sampler is not None else 'sampler'
+    object.__setattr__(dl, attr, _SkipBatches(dl, attr, k, start, now))
+
+
+# ---- the learner's state --------------------------------------------------------------------------------------------
+def _stateful_cbs(learn) -> list:
+    return [cb for cb in learn.cbs if _stateful(cb)]
+
+
+def _phase_loader(learn, phase: str):
+    return getattr(getattr(learn, 'dls', None), 'train' if phase == 'train' else 'valid', None)
+
+
+def epoch_ends(learn) -> bool:
+    """True in the phase that ends an epoch: the valid phase, or the train phase of a fit without valid phases."""
+    return not learn.model.training or not learn._fit_phases[1]
+
+
+def position(learn) -> dict:
+    """Where a run resumed from a state captured now goes on. Inside a phase (at a batch's end): its next batch. Between
+    phases: the next phase, batch 0, so a state captured at an epoch's end is at (epoch + 1, 'train', 0). Outside a fit,
+    after `load_state_dict`: the loaded state's."""
+    loaded = getattr(learn, '_loaded_position', None)
+    if loaded is not None: return loaded
+    if getattr(learn, '_in_phase', False):
+        return {'epoch': learn.epoch, 'phase': 'train' if learn.model.training else 'valid', 'batch': learn.iter + 1,
+                'in_phase': True, 'phase_start': learn._phase_rng}
+    last = getattr(learn, '_last_phase', None)
+    if last is None: epoch, phase = 0, 'train'
+    else:
+        epoch, trained = last
+        epoch, phase = (epoch, 'valid') if trained and learn._fit_phases[1] else (epoch + 1, 'train')
+    return {'epoch': epoch, 'phase': phase, 'batch': 0, 'in_phase': False, 'phase_start': None}
+
+
+def learner_state(learn) -> dict:
+    """Everything a run needs to go on exactly as it would have: weights and buffers, gradients (MomentumLearner and an
+    open accumulation window keep them), the optimiser, each callback's `state_dict()` (in `learn.cbs` order, with its
+    class), the loaders, the RNGs and where the loop is. Its tensors are the live ones, as in torch's own state dicts:
+    save it or copy it before training on."""
+    model, opt = learn.model, learn.opt
+    return {
+        'format': FORMAT, 'version': VERSION, 'position': position(learn),
+        'model': model.state_dict(),
+        'grads': {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        'opt': opt.state_dict() if opt is not None else None,
+        'callbacks': [[type(cb).__name__, cb.state_dict()] for cb in _stateful_cbs(learn)],
+        'loaders': {nm: loader_state(_phase_loader(learn, nm)) for nm in ('train', 'valid')},
+        'rng': rng_state(),
+    }
+
+
+def check_state(learn, sd, what: str) -> None:
+    """Refuse, naming the mismatch, a state that is not an ultraloop state or was saved with other callbacks."""
+    check_format(sd, what)
+    if sd.get('version', 0) > VERSION:
+        raise ValueError(f'{what} was saved by a newer ultraloop (state version {sd["version"]}); upgrade ultraloop')
+    saved = [nm for nm, _ in sd['callbacks']]
+    here = [type(cb).__name__ for cb in _stateful_cbs(learn)]
+    if saved != here:
+        i = next((i for i, (a, b) in enumerate(zip(saved, here)) if a != b), min(len(saved), len(here)))
+        at = lambda names: names[i] if i < len(names) else 'nothing'
+        raise ValueError(f'{what} was saved with the stateful callbacks [{", ".join(saved)}], this learner has '
+                         f'[{", ".join(here)}]: callback {i + 1} is {at(saved)} there and {at(here)} here; '
+                         f'resume with the callbacks it was saved with, in the same order')
+
+
+def load_model_and_opt(learn, sd: dict, create_opt=None) -> None:
+    """Weights, gradients and optimiser, onto the model's devices."""
+    model = learn.model
+    model.load_state_dict(sd['model'])
+    grads = sd['grads']
+    for n, p in model.named_parameters():
+        g = grads.get(n)
+        p.grad = None if g is None else g.to(p.device, copy=True)
+    if sd['opt'] is not None:
+        if learn.opt is None and create_opt is not None: create_opt()
+        if learn.opt is None:
+            raise ValueError('the state holds an optimiser state but learn.opt is None: pass an opt_func to the Learner')
+        learn.opt.load_state_dict(sd['opt'])
+
+
+def load_callbacks(learn, sd: dict) -> None:
+    for cb, (_, state) in zip(_stateful_cbs(learn), sd['callbacks']): cb.load_state_dict(state)
+
+
+def load_loaders(learn, sd: dict) -> None:
+    for nm in ('train', 'valid'): load_loader_state(_phase_loader(learn, nm), sd['loaders'].get(nm))
+
+
+def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None) -> None:
+    """Put back what `learner_state` captured, outside a fit: weights, gradients, optimiser, callbacks, loaders, RNGs.
+    Where the loop was is used only by `fit(resume=...)`."""
+    check_state(learn, sd, what)
+    load_model_and_opt(learn, sd, create_opt)
+    load_callbacks(learn, sd)
+    load_loaders(learn, sd)
+    set_rng_state(sd['rng'])
+    learn._loaded_position = sd['position']  # until the next fit, state_dict() says where the loaded run was
+
+
+class Resume:
+    """A fit picking a run up where a state left it. `start` (after before_fit and the optimiser are made) loads the
+    weights, optimiser and loaders, and for a state captured between phases the callbacks and RNGs; a state captured
+    inside a phase has its callbacks loaded after that phase's before_epoch (which resets what they hold for the
+    phase), and the loader positioned at its next batch with the RNGs as they were then (`enter_phase`)."""
+
+    def __init__(self, learn, source, n_epochs: int):
+        if not isinstance(source, (str, os.PathLike, dict)):
+            raise TypeError(f'resume must be a checkpoint file, a folder of checkpoints or a learn.state_dict(), got '
+                            f'{type(source).__name__} {source!r}: e.g. resume=\'checkpoints\'')
+        self.what = 'the state passed as resume' if isinstance(source, dict) else None
+        if isinstance(source, dict): sd = source
+        else:
+            path = Path(source)
+            if path.is_dir():
+                found = newest_checkpoint(path)
+                if found is None: raise ValueError(f'resume={str(source)!r}: the folder holds no checkpoint (checkpoint-*.pt)')
+                path = found
+            sd = load_file(path)
+            self.what = str(path)
+        check_state(learn, sd, self.what)
+        pos = sd['position']
+        if pos['epoch'] > n_epochs or (pos['epoch'] == n_epochs and pos['in_phase']):
+            raise ValueError(f'{self.what} is at epoch {pos["epoch"]} ({pos["phase"]} batch {pos["batch"]}), past a fit '
+                             f'of n_epochs={n_epochs}: resume with at least n_epochs={pos["epoch"] + 1}')
+        self.sd, self.pos, self.pending = sd, pos, pos['in_phase']
+
+    def start(self, learn) -> tuple[int, str]:
+        sd = self.sd
+        load_model_and_opt(learn, sd)
+        load_loaders(learn, sd)
+        if not self.pending:
+            load_callbacks(learn, sd)
+            set_rng_state(sd['rng'])
+        return self.pos['epoch'], self.pos['phase']
+
+    def enter_phase(self, learn, dl, batches) -> tuple[int, object]:
+        """Where the phase about to iterate `dl` (the phase's loader; `batches` what the loop iterates, maybe a wrapper
+        of it) starts, and what to iterate. Records the RNG states a later checkpoint in this phase needs."""
+        if not self.pending:
+            learn._phase_rng = phase_start(dl)
+            return 0, batches
+        self.pending = False
+        load_callbacks(learn, self.sd)
+        k, start, rng = self.pos['batch'], self.pos['phase_start'], self.sd['rng']
+        learn._phase_rng = start
+        set_rng_state(rng)
+        if start is None:  # the loader went back to its batch k itself (load_state_dict)
+            it = iter(batches)  # a StatefulDataLoader draws a base seed here, which the run did at the epoch's start
+            torch.set_rng_state(rng['torch'])
+            return k, it
+        from torch.utils.data import DataLoader
+        # iterating draws from these as it did at the epoch's start (a DataLoader's base seed, for its workers)
+        torch.set_rng_state(start['torch'])
+        for g, st in zip(_generators(dl), start['generators']): g.set_state(st)
+        if isinstance(dl, DataLoader):
+            _position_dataloader(dl, k, start, rng['torch'])
+            return k, batches
+        # any other iterable: skip k batches by loading them
+        it = iter(batches)
+        for _ in range(k): next(it, None)
+        torch.set_rng_state(rng['torch'])
+        return k, it
+
+
+# ---- files ----------------------------------------------------------------------------------------------------------
+def save_file(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically: into a temporary file in the same folder, flushed and fsynced, renamed
+    over `path` (os.replace), then the folder fsynced. A crash at any moment leaves the old file, or the new one,
+    whole; the temporary file (`.<name>.<pid>.tmp`) is never taken for a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try: fd = os.open(d, os.O_RDONLY)
+    except OSError: return  # a system that cannot open folders (Windows) makes the rename durable itself
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """A state saved by `save_file`, read with `torch.load(weights_only=True)`: tensors and plain containers only, so a
+    file holding any other pickled object is refused before any of its code can run. One-line errors for a missing,
+    truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'{path}: no such checkpoint file')
+    try: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'global' in str(e).lower():
+            raise ValueError(f'{path} holds pickled Python objects, not just tensors and plain values; it was not loaded, '
+                             f'since unpickling them could run code (ultraloop checkpoints hold none)') from None
+        raise ValueError(f'{path} is truncated or corrupt ({_first_line(e)}): not a complete checkpoint') from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:  # torch says OSError for a cut zip
+        raise ValueError(f'{path} is truncated or corrupt ({_first_line(e)}): not a complete checkpoint') from None
+    check_format(sd, str(path))
+    return sd
+
+
+def check_format(sd, what: str) -> None:
+    if not isinstance(sd, dict) or sd.get('format') != FORMAT:
+        raise ValueError(f'{what} is not an ultraloop learner state; save one with learn.save_state(path) or CheckpointCB')
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def checkpoint_name(seq: int, pos: dict) -> str:
+    """`checkpoint-<seq>-epoch<e>-<phase><batch>.pt`: `seq` counts a run's checkpoints, so the newest is the highest."""
+    return f'checkpoint-{seq:06d}-epoch{pos["epoch"]}-{pos["phase"]}{pos["batch"]}.pt'
+
+
+def checkpoint_seq(path: Path) -> int | None:
+    m = _CHECKPOINT.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint in `folder` with the highest sequence number (complete by construction: temporary files have
+    other names), or None."""
+    found = [(seq, p) for p in Path(folder).iterdir() if (seq := checkpoint_seq(p)) is not None and p.is_file()]
+    return max(found)[1] if found else None
+
+
+# ---- in-process snapshots (lr_find, summary) ------------------------------------------------------------------------
+def cpu_copy(x):
+    """A copy with every tensor cloned to the CPU (keeps a GPU model's snapshot out of GPU memory)."""
+    if isinstance(x, torch.Tensor): return x.detach().to('cpu', copy=True)
+    if isinstance(x, OrderedDict):
+        out = OrderedDict((k, cpu_copy(v)) for k, v in x.items())
+        if hasattr(x, '_metadata'): out._metadata = copy.deepcopy(x._metadata)  # module versions, for load_state_dict
+        return out
+    if isinstance(x, dict): return {k: cpu_copy(v) for k, v in x.items()}
+    if type(x) in (list, tuple): return type(x)(cpu_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+class Snapshot:
+    """A copy of what a fit or a forward pass changes, to put back bitwise afterwards: the learner's attributes and its
+    callback list, every module's train/eval mode, the loaders, the RNGs, and either everything `learner_state` holds
+    (weights, gradients, optimiser, callbacks' states: lr_find) or, with `weights=False`, the buffers only (a forward
+    changes no weight: summary)."""
+
+    def __init__(self, learn, weights: bool = True):
+        self.learn, self.attrs, self.cbs = learn, dict(learn.__dict__), list(learn.cbs)
+        model = learn.model
+        self.modes = [(m, m.training) for m in model.modules()]
+        if weights: self.state = cpu_copy(learner_state(learn))
+        else:
+            self.state = None
+            self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+            self.loaders = cpu_copy({nm: loader_state(_phase_loader(learn, nm)) for nm in ('train', 'valid')})
+            self.rng = rng_state()
+
+    def restore(self) -> None:
+        learn = self.learn
+        learn.__dict__.clear()
+        learn.__dict__.update(self.attrs)  # loop state, opt, model, dls and the callback table as they were
+        learn.cbs[:] = self.cbs
+        for m, mode in self.modes: m.training = mode
+        if self.state is not None: return load_learner_state(learn, self.state, 'the snapshot')
+        with torch.no_grad():
+            for b, saved in self.buffers: b.copy_(saved)
+        for nm, s in self.loaders.items(): load_loader_state(_phase_loader(learn, nm), s)
+        set_rng_state(self.rng)
