@@ -217,49 +217,48 @@ def test_fit_saves_weights_that_load_with_weights_only_and_reports_micro_accurac
     assert float(csv.read_text().splitlines()[-1].split(',')[0]) == pytest.approx(right, abs=1e-6)
 
 
-def test_ctrl_c_saves_the_plot_of_the_finished_phases(tmp_path):
+def test_in_a_terminal_bars_show_and_ctrl_c_saves_the_plot_of_the_finished_phases(tmp_path):
+    import fcntl
     import os
+    import pty
     import signal
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    import struct
+    import termios
+    import threading
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # a new terminal is 0 columns wide
     p = subprocess.Popen([sys.executable, '-m', 'ultraloop', 'fit', '--model', 'mlp', '--epochs', '1000', '--threads', '1',
-                          '--out', str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env=env)
+                          '--out', str(tmp_path)], stdout=subprocess.PIPE, stderr=follower, text=True, cwd=ROOT,
+                         env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    os.close(follower)
+    chunks = []
+
+    def read_terminal():  # all along: a full terminal buffer would block the child's writes
+        while True:
+            try: chunk = os.read(leader, 4096)
+            except OSError: break  # the child closed the terminal
+            if not chunk: break
+            chunks.append(chunk)
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
     try:
         for line in p.stdout:  # the first eval row: two phases are done
             if re.match(r'^\d\.\d{3}\s+\d\.\d{3}\s+0\s+eval', line): break
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        out = p.stdout.read()
+        p.wait(timeout=60)
+        reader.join(timeout=60)
     finally:
         p.kill()
-    assert p.returncode == 130, err
-    assert err.endswith('ultraloop: interrupted\n')
+        os.close(leader)
+    err = b''.join(chunks)
+    assert p.returncode == 130, err[-2000:]
+    assert b'\r' in err and re.search(rb'epochs: +0%.*\d+/1000 ', err)  # bars, drawn on the terminal (redirected,
+    # the command draws none: test_lr_find_end_to_end_shows_its_progress)
+    assert err.endswith(b'ultraloop: interrupted\r\n')
     n = int(re.search(r'^interrupted: the plot of the (\d+) finished phases is in (.*)metrics\.png$', out, re.M).group(1))
     assert n >= 2
     assert (tmp_path / 'metrics.png').read_bytes()[:8] == PNG
-
-
-def test_bars_only_in_a_terminal(tmp_path):
-    import fcntl
-    import os
-    import pty
-    import struct
-    import termios
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))  # a new terminal is 0 columns wide
-    p = subprocess.Popen([sys.executable, '-m', 'ultraloop', 'fit', '--model', 'mlp', '--epochs', '1', '--threads', '1',
-                          '--out', str(tmp_path)], stdout=subprocess.PIPE, stderr=follower, cwd=ROOT)
-    os.close(follower)
-    err = b''
-    while True:
-        try: chunk = os.read(leader, 4096)
-        except OSError: break  # the child closed the terminal
-        if not chunk: break
-        err += chunk
-    p.communicate(timeout=60)
-    os.close(leader)
-    assert p.returncode == 0
-    assert b'\r' in err and b'epochs: 100%' in err  # bars, drawn on the terminal
-    # the same command redirected draws none: test_lr_find_end_to_end_shows_its_progress
 
 
 def test_bad_csv_file_names_option_and_file(tmp_path, capsys):
