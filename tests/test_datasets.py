@@ -92,6 +92,23 @@ def test_idx_bad_magic_truncated_and_mismatched_counts(tmp_path):
         fashion_mnist(tmp_path)
 
 
+def test_a_labels_file_under_an_images_name_is_named(tmp_path):
+    write_fashion(tmp_path)
+    imgs, lbls = (tmp_path / nm for nm in FASHION_MNIST_FILES[:2])
+    real_imgs = imgs.read_bytes()
+    imgs.write_bytes(lbls.read_bytes())  # the labels file copied over the images file
+    with pytest.raises(ValueError, match=rf"^{imgs} holds 6 labels \(a 1-dimensional IDX file\), not images: it is a labels "
+                                         rf"file under an images file's name; put the images \(train-images-idx3-ubyte.gz, "
+                                         rf'3-dimensional, N x 28 x 28\) there$'):
+        fashion_mnist(tmp_path)
+    imgs.write_bytes(real_imgs)
+    lbls.write_bytes(real_imgs)  # and the other way round
+    with pytest.raises(ValueError, match=rf"^{lbls} holds images of shape \(28, 28\), not labels: it is an images file "
+                                         rf"under a labels file's name; put the labels \(train-labels-idx1-ubyte.gz, "
+                                         rf'1-dimensional\) there$'):
+        fashion_mnist(tmp_path)
+
+
 def test_read_idx_shape_from_header(tmp_path):
     t = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4)
     p = tmp_path / 'x-idx3-ubyte'

@@ -388,3 +388,86 @@ def test_single_iterable_callback_is_one_callback():
     assert len(learn.cbs) == 1
     learn.fit(0)
     assert learn.seen
+
+
+# ---- first contact: bad input a new user meets (issue 14) ------------------------------------------------------------
+def test_a_phase_with_no_batches_is_an_error_naming_the_fix():
+    x, y = torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)
+    empty = DataLoaders.from_tensors(x, y, *toy_data(16, 16)[2:], bs=16)
+    learn = TrainLearner(toy_model(), empty, F.cross_entropy)
+    with pytest.raises(ValueError, match=r'^dls.train has no batches \(its dataset is empty, or smaller than one batch '
+                                         r'with drop_last=True\): give it data, or pass train=False to fit$'):
+        learn.fit(1)
+    assert learn.opt is None  # refused before any work
+    # a loader without a length that yields nothing: found when the phase ends
+    learn = TrainLearner(toy_model(), DataLoaders(dls().train, iter(())), F.cross_entropy)
+    with pytest.raises(ValueError, match=r'^dls.valid yielded no batches in epoch 0: it is a tuple_iterator, which is used '
+                                         r'up after one pass; give a loader that can be iterated again'):
+        learn.fit(1)
+
+
+def test_a_generator_used_up_by_the_first_epoch_is_named():
+    data = toy_data(32, 16)
+    gen = ((data[0][i:i + 16], data[1][i:i + 16]) for i in (0, 16))
+    t = TraceCB()
+    learn = TrainLearner(toy_model(), DataLoaders(gen, dls().valid), F.cross_entropy, cbs=[t])
+    with pytest.raises(ValueError, match=r'^dls.train yielded no batches in epoch 1: it is a generator, which is used up '
+                                         r'after one pass; give a loader that can be iterated again \(a DataLoader, a list '
+                                         r'of batches, DataLoaders.from_tensors\(...\)\)$'):
+        learn.fit(2)
+    assert t.events.count('after_batch') == 2 + 2  # epoch 0's two train and two valid batches ran
+
+
+@pytest.mark.parametrize('event', ['after_backward', 'after_step'])
+def test_after_a_failed_fit_the_next_one_starts_from_clean_gradients(event):
+    class Boom(Callback):
+        def __init__(self): self.armed = True
+
+    def boom(self, learn):
+        if self.armed: self.armed = False; raise RuntimeError('boom')
+    setattr(Boom, event, boom)
+    data = toy_data(32, 16)
+    d = DataLoaders.from_tensors(*data, bs=16, shuffle=False)
+    learn = TrainLearner(toy_model(), d, F.cross_entropy, lr=0.1, cbs=[Boom()])
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learn.model.parameters())  # kept for inspection
+    if event == 'after_step':  # the failed fit stepped once: take that step in the reference too
+        ref_model = hand_sgd(toy_model(), (data[0][:16], data[1][:16]), 0.1, 1, 16)
+    else: ref_model = toy_model()
+    learn.fit(1, valid=False)
+    ref = hand_sgd(ref_model, data, 0.1, 1, 16)  # a clean fit from the same weights
+    for p, q in zip(learn.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_momentum_learner_keeps_its_gradients_across_successful_fits():
+    data = toy_data(32, 16)
+    learn = MomentumLearner(toy_model(), DataLoaders.from_tensors(*data, bs=32, shuffle=False), F.cross_entropy,
+                            lr=0.1, mom=0.5)
+    learn.fit(1, valid=False)
+    kept = [p.grad.clone() for p in learn.model.parameters()]
+    seen = []
+
+    class Look(Callback):
+        def before_batch(self, learn): seen.extend(p.grad.clone() for p in learn.model.parameters())
+    learn.fit(1, valid=False, cbs=[Look()])
+    assert all(torch.equal(a, b) for a, b in zip(seen, kept)) and len(seen) == len(kept)
+
+
+@pytest.mark.parametrize('kw, exc, msg', [
+    ({'loss_func': None}, TypeError, r'^loss_func must be a function of \(preds, targets\) returning a scalar tensor, got '
+                                     r'NoneType None: pass e.g. loss_func=F.cross_entropy$'),
+    ({'loss_func': 'cross_entropy'}, TypeError, r"^loss_func is the string 'cross_entropy'; pass the function itself, e.g. "
+                                                r'loss_func=F.cross_entropy$'),
+    ({'loss_func': nn.CrossEntropyLoss}, TypeError, r'^loss_func is the class CrossEntropyLoss; pass an instance, '
+                                                    r'loss_func=CrossEntropyLoss\(\)$'),
+    ({'opt_func': 'adam'}, TypeError, r"^opt_func is the string 'adam'; pass the optimiser class, e.g. "
+                                      r'opt_func=torch.optim.Adam$'),
+    ({'opt_func': torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)}, TypeError,
+     r'^opt_func is an optimiser instance \(SGD\); pass what builds one from \(params, lr\), opt_func=torch.optim.SGD, '
+     r'or keep yours with opt_func=None and learn.opt = it$'),
+    ({'opt_func': 3}, TypeError, r'^opt_func must build an optimiser from \(params, lr\), got int 3'),
+    ({'lr': '0.1'}, ValueError, r"^lr must be a finite number >= 0, got '0.1'$"),
+])
+def test_bad_constructor_arguments_are_refused_there(kw, exc, msg):
+    with pytest.raises(exc, match=msg): TrainLearner(toy_model(), dls(), **{'loss_func': F.cross_entropy, **kw})

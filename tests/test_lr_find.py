@@ -158,6 +158,19 @@ def test_plot_is_a_png(tmp_path, monkeypatch):
     assert (tmp_path / 'lr_find.png').read_bytes()[:4] == b'\x89PNG'
 
 
+def test_plot_is_bounded_to_the_loss_before_it_diverges_and_says_when_there_is_no_suggestion():
+    from ultraloop.callbacks.lr_finder import _lr_find_figure
+    lrs = [1e-5 * 1.3 ** i for i in range(30)]
+    losses = [2.3 - 0.05 * i for i in range(20)] + [1.35 + 2.5 * i for i in range(1, 11)]  # min 1.35 at i=19, then 26.35
+    ax = _lr_find_figure(lrs, losses, 3e-4).axes[0]
+    pad = 0.05 * (2.3 - 1.35)
+    assert ax.get_ylim() == pytest.approx((1.35 - pad, 2.3 + pad))  # the spike to 26.35 is cut off: the descent fills it
+    assert ax.get_legend().get_texts()[0].get_text() == 'suggested lr 3.00e-04' and not ax.texts
+    ax = _lr_find_figure(lrs, losses[:5] + [math.nan] * 25, None).axes[0]
+    assert [t.get_text() for t in ax.texts] == ['no suggestion: the loss shows no clear descent']
+    assert ax.get_ylim() == pytest.approx((2.1 - 0.01, 2.3 + 0.01))
+
+
 def test_seed_style_finder_cell():
     # the seed's cell: LRFinderCB passed to fit by hand, the learner starting at lr=1e-4
     dls, _, _ = regression_dls()

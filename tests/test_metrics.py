@@ -146,7 +146,7 @@ def test_no_host_read_per_batch_one_per_metric_per_phase(capsys):
     m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=3, average='micro'), seed_acc=EvalAccuracy())
     learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[DeviceCB('cpu'), m])
     with SyncCounter() as sc: learn.fit(1)
-    assert sc.count == 6, sc.reads  # accuracy, seed_acc, loss: each read once per phase
+    assert sc.count == 7, sc.reads  # accuracy, seed_acc, loss: each read once per phase; the train batches' losses once
 
 
 def test_bad_metrics_are_refused_at_construction():
@@ -172,6 +172,27 @@ def test_plot_metrics_saves_a_png(tmp_path, capsys):
     learn, _ = fit(MetricsCB(accuracy=EvalAccuracy()), epochs=2)
     path = learn.plot_metrics(tmp_path / 'm.png')
     assert path == tmp_path / 'm.png' and path.stat().st_size > 1000
+
+
+def test_metrics_plot_shows_each_training_batch_loss_on_the_epochs_trained_axis(monkeypatch, capsys):
+    import ultraloop.plotting
+    from ultraloop.callbacks.progress import _loss_figure
+    figs = []
+    monkeypatch.setattr(ultraloop.plotting, 'show_or_save', lambda fig, path, name: figs.append(fig))
+    learn, rec = fit(MetricsCB(accuracy=EvalAccuracy()), n_train=96, n_valid=32, bs=32, epochs=2)  # 3 train batches
+    learn.plot_metrics()
+    acc, loss = figs[0].axes
+    lines = {ln.get_label(): ln for ln in loss.get_lines()}
+    train = [b for ph in rec.phases[::2] for b in ph]
+    assert list(lines['train (each batch)'].get_xdata()) == [e + i / 3 for e in (0, 1) for i in (1, 2, 3)]
+    assert list(lines['train (each batch)'].get_ydata()) == pytest.approx([b[2] for b in train], abs=1e-6)
+    for ph, rows in (('train', learn.metrics.history[::2]), ('eval', learn.metrics.history[1::2])):
+        assert list(lines[f'{ph} (phase mean)'].get_xdata()) == [1, 2]  # epoch 0's row where epoch 0 ended
+        assert list(lines[f'{ph} (phase mean)'].get_ydata()) == [r['loss'] for r in rows]
+    assert [ln.get_label() for ln in acc.get_lines()] == ['train', 'eval'] and list(acc.get_lines()[0].get_xdata()) == [1, 2]
+    assert loss.get_xlabel() == acc.get_xlabel() == 'epochs trained'
+    prog = _loss_figure([], learn.metrics.history).axes[0]  # ProgressCB's plot numbers epochs the same way
+    assert prog.get_xlabel() == 'epochs trained' and list(prog.get_lines()[0].get_xdata()) == [1, 2]
 
 
 def test_plot_metrics_without_metrics_says_what_to_do():

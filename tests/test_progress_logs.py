@@ -2,6 +2,7 @@
 and TensorBoardCB (rows equal MetricsCB's history)."""
 import csv
 import os
+import re
 import sys
 
 import pytest
@@ -37,13 +38,14 @@ def test_one_loss_read_per_refresh_interval(monkeypatch, capsys):
     sc = reads_in_one_epoch(500)  # 400 train + 100 valid batches: 25 s of batches at 1 s refreshes
     shown = [r for r in sc.reads if 'progress.py' in r]
     # a refresh every 20 batches starts a copy that the next refresh reads: 20 + 5 refreshes, less the first of each phase
-    assert len(shown) == 20 + 5 - 2 and sc.count == len(shown) + 4, sc.reads  # + accuracy and loss, once per phase
+    assert len(shown) == 20 + 5 - 2 and sc.count == len(shown) + 5, sc.reads  # + accuracy and loss once per phase, the
+    # train batches' losses once
 
 
 def test_host_reads_do_not_grow_with_the_number_of_batches(monkeypatch, capsys):
     monkeypatch.setattr(progress, '_clock', lambda: 0.0)  # time stands still: no refresh falls due
     few, many = reads_in_one_epoch(200), reads_in_one_epoch(500)
-    assert few.count == many.count == 4, many.reads  # accuracy and loss, once per phase
+    assert few.count == many.count == 5, many.reads  # accuracy and loss once per phase, the train batches' losses once
 
 
 class RecordLossCB(Callback):
@@ -121,6 +123,52 @@ def test_an_error_in_an_earlier_before_fit_propagates_unchanged(tmp_path, capsys
     assert capsys.readouterr().out.splitlines()[0].startswith("{'accuracy': ")  # MetricsCB prints its dicts again
 
 
+def test_epoch_bar_rate_and_eta_count_whole_epochs(monkeypatch, capsys):
+    import tqdm.std
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, 'time', lambda: now[0])  # the clock tqdm reads: 1 s per train batch, 0.5 s per valid
+    prog, shown = ProgressCB(bars=True), []
+
+    class ClockCB(Callback):
+        order = 0  # after ProgressCB (-5) has updated the epochs bar
+        def after_batch(self, learn): now[0] += 1.0 if learn.training else 0.5
+        def before_epoch(self, learn):
+            if learn.training and learn.epoch: shown.append(str(prog.mbar))
+
+    learn, _ = learner(20, cbs=[prog, ClockCB()])  # 16 train and 4 valid batches: 18 s an epoch
+    learn.fit(3)
+    assert [re.search(r'\d/\d \[.*\]$', s).group() for s in shown] == ['1/3 [00:18<00:36, 18.00s/epoch]',
+                                                                      '2/3 [00:36<00:18, 18.00s/epoch]']
+
+
+def test_without_a_terminal_each_phase_is_one_line(capsys):
+    dls = DataLoaders.from_tensors(*toy_data(32, 16), bs=8, seed=0)
+    learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[ProgressCB()])  # no MetricsCB: its own line
+    learn.fit(2)
+    out, err = capsys.readouterr()
+    assert err == ''  # stderr is not a terminal here: no bar
+    assert re.fullmatch(r'train epoch 0: 4 batches, loss \d\.\d{4}, 00:00\nvalid epoch 0: 2 batches, loss \d\.\d{4}, 00:00\n'
+                        r'train epoch 1: 4 batches, loss \d\.\d{4}, 00:00\nvalid epoch 1: 2 batches, loss \d\.\d{4}, 00:00\n',
+                        out)
+    learn.fit(1, cbs=[MetricsCB()])
+    assert capsys.readouterr().out.splitlines()[0].split() == ['loss', 'epoch', 'train', 'time']  # the table's rows instead
+
+
+def test_csv_floats_are_written_as_their_float32_value(tmp_path, capsys):
+    class Exact:
+        """A metric whose value is float32's 1.0000001 (1 + 2**-23), which a float prints as 1.0000001192092896."""
+        def reset(self): pass
+        def update(self, p, y): pass
+        def compute(self): return torch.tensor(1 + 2**-23, dtype=torch.float32)
+
+    dls = DataLoaders.from_tensors(*toy_data(16, 8), bs=8, seed=0)
+    m = MetricsCB(exact=Exact())
+    learn = TrainLearner(toy_model(), dls, loss_func=F.cross_entropy, cbs=[m, CSVLoggerCB(tmp_path / 'h.csv')])
+    learn.fit(1)
+    assert m.history[0]['exact'] == 1.0000001192092896
+    assert [r[0] for r in read_csv(tmp_path / 'h.csv')[1:]] == ['1.0000001', '1.0000001']
+
+
 def test_progress_arguments_are_checked():
     with pytest.raises(ValueError, match=r'ProgressCB: refresh \(seconds between loss reads\) must be a number >= 0, got -1'):
         ProgressCB(refresh=-1)
@@ -148,7 +196,9 @@ def test_csv_has_one_row_per_phase_flushed_as_written_and_appends_on_resume(tmp_
     assert seen == [2, 3, 4, 5]  # header + one row per phase, on disk as each phase ends
     rows = read_csv(path)
     assert rows[0] == ['accuracy', 'loss', 'epoch', 'train']
-    assert rows[1:] == [[str(h['accuracy']), str(h['loss']), str(h['epoch']), h['train']] for h in m.history]
+    f32 = lambda v: torch.tensor(float(v), dtype=torch.float32).item()  # the CSV keeps each float's float32 value
+    assert [[f32(r[0]), f32(r[1]), r[2], r[3]] for r in rows[1:]] == [[f32(h['accuracy']), f32(h['loss']), str(h['epoch']),
+                                                                      h['train']] for h in m.history]
     learn2, m2 = learner(20, cbs=[CSVLoggerCB(path)])
     learn2.fit(1)
     rows2 = read_csv(path)

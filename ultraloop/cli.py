@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ __all__ = ['main', 'build_parser']
 # scikit-learn, torchmetrics and matplotlib are imported only once a command runs, so `--help` and usage errors are quick.
 N_CLASSES = 10  # digits and FashionMNIST alike
 DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
 
 
@@ -24,11 +26,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: int | None = None):
     def parse(s: str) -> int:
         try: v = int(s)
         except ValueError: raise argparse.ArgumentTypeError(f'expected a whole number, got {s!r}') from None
         if v < lo: raise argparse.ArgumentTypeError(f'must be >= {lo}, got {v}')
+        if hi is not None and v > hi: raise argparse.ArgumentTypeError(f'must be <= {hi} (2**64 - 1), got {v}')
         return v
     return parse
 
@@ -37,7 +40,7 @@ def _float_above(lo: float):
     def parse(s: str) -> float:
         try: v = float(s)
         except ValueError: raise argparse.ArgumentTypeError(f'expected a number, got {s!r}') from None
-        if not v > lo: raise argparse.ArgumentTypeError(f'must be > {lo:g}, got {s}')  # also refuses nan
+        if not (v > lo and math.isfinite(v)): raise argparse.ArgumentTypeError(f'must be a finite number > {lo:g}, got {s}')
         return v
     return parse
 
@@ -45,7 +48,8 @@ def _float_above(lo: float):
 def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                    help='where to train; auto: mps, else cuda, else cpu (default: auto)')
-    p.add_argument('--seed', type=_int_at_least(0), default=0, help='seeds the weights and the shuffle order (default: 0)')
+    p.add_argument('--seed', type=_int_at_least(0, MAX_SEED), default=0,
+                   help='seeds the weights and the shuffle order (default: 0)')
     default = ("torch's choice" if threads is None
                else f'{threads}: a model this small runs fastest on one thread, above all on a busy machine')
     p.add_argument('--threads', type=_int_at_least(1), default=threads, help=f'CPU threads torch may use (default: {default})')
@@ -83,14 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser('demo', help="the seed's CNN on the bundled digits: LR finder, then a one-cycle fit",
                           description="Train the seed's CNN on scikit-learn's bundled 8x8 digits (no download) with "
                           'TrainCB, DeviceCB, MetricsCB and ProgressCB: run the LR finder, fit one cycle at its '
-                          'suggestion, print the metrics table and save the loss and LR-finder plots.')
+                          'suggestion, print the metrics table (accuracy: the share of samples classified right) and '
+                          'save the metrics and LR-finder plots.')
     demo.add_argument('--epochs', type=_int_at_least(1), default=10, help='epochs to fit (default: 10)')
     _add_run_options(demo, threads=1)
     demo.set_defaults(run=_demo)
 
     fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
-                         'metrics table and save the loss plot in the run folder. Started by torchrun (torchrun '
-                         '--nproc-per-node 2 -m ultraloop fit ...), the processes train together (DistributedCB).')
+                         'metrics table (accuracy: the share of samples classified right) and save the metrics plot in '
+                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and batch. '
+                         'Started by torchrun (torchrun --nproc-per-node 2 -m ultraloop fit ...), the processes train '
+                         'together (DistributedCB).')
     _add_data_model_options(fit)
     fit.add_argument('--epochs', type=_int_at_least(1), default=5, help='epochs to fit (default: 5)')
     fit.add_argument('--lr', type=_float_above(0), default=None,
@@ -110,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
                      help='under torchrun, how the processes share the model: ddp (DistributedDataParallel) or fsdp '
                           '(FSDP2 fully_shard); --bs is then per process (default: ddp; a single process ignores it)')
+    fit.add_argument('--save', type=Path, default=None, metavar='PATH',
+                     help="save the trained weights (the model's state_dict) to this file; "
+                          'torch.load(PATH, weights_only=True) reads them back')
     fit.set_defaults(run=_fit)
 
     lrf = sub.add_parser('lr-find', help='run the LR finder and print its suggestion',
@@ -147,10 +157,14 @@ def _device(name: str, parser: argparse.ArgumentParser):
 
 
 def _check_paths(args) -> None:
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        args.parser.error(f'--out {args.out} is a file; give a folder for the run')
-    if getattr(args, 'csv', None) is not None and args.csv.is_dir():
-        args.parser.error(f'--csv {args.csv} is a folder; give the path of a .csv file')
+    """Refuse a run folder or output file that cannot be written, naming the option, before any work."""
+    from .callbacks.logs import _csv_problem, _file_problem
+    if args.out is not None and (problem := _file_problem(args.out, folder=True)) is not None:
+        args.parser.error(f'--out: {problem} for the run')
+    if getattr(args, 'csv', None) is not None:
+        if (problem := _csv_problem(args.csv, _columns())) is not None: args.parser.error(f'--csv: {problem}')
+    if getattr(args, 'save', None) is not None:
+        if (problem := _file_problem(args.save)) is not None: args.parser.error(f'--save: {problem}')
 
 
 def _check_data_args(args) -> None:
@@ -168,15 +182,29 @@ def _load(args):
     return fashion_mnist(args.data_dir) if args.data == 'fashion-mnist' else digits()
 
 
-def _run_dir(out: Path | None, command: str) -> Path:
-    """The run folder: `out`, or runs/<command>-<date>-<time> (with -2, -3, ... when that exists). Under torchrun only
+def _run_dir(args, command: str) -> Path:
+    """The run folder: --out, or runs/<command>-<date>-<time> (with -2, -3, ... when that exists). The folders made
+    here are listed in args.made, so a run that ends before writing anything leaves none behind. Under torchrun only
     the main process makes it (and writes in it)."""
+    out = args.out
     if out is None:
         base = Path('runs') / f'{command}-{time.strftime("%Y%m%d-%H%M%S")}'
         out, i = base, 1
         while out.exists(): i += 1; out = base.with_name(f'{base.name}-{i}')
-    if _main_process(): out.mkdir(parents=True, exist_ok=True)
+    made = [d for d in (out, *out.parents) if not d.exists()] if _main_process() else []
+    try:
+        if _main_process(): out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        args.parser.error(f'{"--out " if args.out is not None else ""}{out}: cannot make the run folder ({e.strerror}); '
+                          f'give a folder you can write to with --out DIR')
+    args.made = made
     return out
+
+
+def _remove_empty_run_dirs(args) -> None:
+    for d in getattr(args, 'made', []):  # innermost first
+        try: d.rmdir()
+        except OSError: break  # not empty (the run wrote something), or gone
 
 
 def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
@@ -187,7 +215,7 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     from torch import optim
     from torch.nn import functional as F
 
-    from .callbacks import DeviceCB, TrainCB
+    from .callbacks import DeviceCB, ProgressCB, TrainCB
     from .data import DataLoaders
     from .learner import Learner
     from .models import get_model, mlp
@@ -201,7 +229,7 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     model = get_model(N_CLASSES) if model_name == 'cnn' else mlp(xt[0].numel(), 128, N_CLASSES)
     opt_func = (partial(optim.SGD, momentum=SGD_MOMENTUM) if opt_name == 'sgd'
                 else partial(optim.AdamW, weight_decay=ADAMW_WEIGHT_DECAY))
-    cbs = [TrainCB(), DeviceCB(device)]
+    cbs = [TrainCB(), DeviceCB(device), ProgressCB()]
     if precision != 'no':
         from .callbacks import MixedPrecisionCB
         cbs.append(MixedPrecisionCB(dtype=torch.bfloat16 if precision == 'bf16' else torch.float16))
@@ -210,11 +238,46 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func)
 
 
+def _columns() -> list[str]:
+    return ['accuracy', 'loss', 'epoch', 'train']  # what _metric_cbs logs: a --csv file is checked against it up front
+
+
 def _metric_cbs() -> list:
     from torchmetrics.classification import MulticlassAccuracy
 
-    from .callbacks import MetricsCB, ProgressCB
-    return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=N_CLASSES)), ProgressCB()]
+    from .callbacks import MetricsCB
+    # micro: the share of samples classified right, what "accuracy" means to most readers (torchmetrics' default
+    # for MulticlassAccuracy is the macro mean over classes)
+    m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=N_CLASSES, average='micro'))
+    assert m.columns == _columns()
+    return [m]
+
+
+def _train(learn, out: Path, run) -> int:
+    """`run(extra_cbs)` fits; the metrics plot of the phases that finished is saved even on ctrl-C. A NaN or inf loss
+    ends the fit (TerminateOnNaNCB) and the command with exit code 1, naming where it happened."""
+    from .callbacks import TerminateOnNaNCB
+    nan = TerminateOnNaNCB('stop')
+
+    def plot() -> str:
+        if not learn.metrics.history: return ''
+        learn.plot_metrics(out / 'metrics.png')
+        return f'the plot of the {len(learn.metrics.history)} finished phases is in {out / "metrics.png"}'
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='(TerminateOnNaNCB|MetricsCB): ')  # said below, as the error
+            run([nan])
+    except KeyboardInterrupt:
+        if saved := plot(): print(f'interrupted: {saved}')
+        raise
+    saved = plot()
+    if nan.stopped_at is not None: problem = nan.message
+    elif (bad := next((r for r in learn.metrics.history if not math.isfinite(r['loss'])), None)) is not None:
+        problem = (f"the {bad['train']} loss of epoch {bad['epoch']} is {bad['loss']}: the weights diverged in the last "
+                   f'training steps; lower --lr')
+    else: return 0
+    print(f'ultraloop: error: {problem}' + (f' ({saved})' if saved else ''), file=sys.stderr)
+    return 1
 
 
 def _lr_find_quietly(learn, out: Path, **kwargs) -> float | None:
@@ -234,17 +297,16 @@ def _demo(args) -> int:
     args.data, args.data_dir = 'digits', None
     _check_paths(args)
     learn = _learner(args, 'cnn', 'adamw', 'no', 64)
-    out = _run_dir(args.out, 'demo')
+    out = _run_dir(args, 'demo')
     print('LR finder: the lr grows 1.3x per batch from 1e-5 until the smoothed loss exceeds 3x its minimum')
     lr = _lr_find_quietly(learn, out)
     if lr is None: lr = DEFAULT_LR['adamw']; print(f'no suggested lr (the loss shows no clear descent); using lr {lr:g}')
     else: print(f'suggested lr: {lr:.3g}')
     learn.add_cbs(_metric_cbs())
     print(f'fit_one_cycle({args.epochs}, lr_max={lr:.3g})')
-    learn.fit_one_cycle(args.epochs, lr)
-    learn.plot_metrics(out / 'loss.png')
+    if code := _train(learn, out, lambda cbs: learn.fit_one_cycle(args.epochs, lr, cbs=cbs)): return code
     print(f'valid: {_last_valid(learn)}')
-    print(f'run folder: {out} (loss.png, lr_find.png)')
+    print(f'run folder: {out} (metrics.png, lr_find.png)')
     return 0
 
 
@@ -259,7 +321,7 @@ def _fit(args) -> int:
     _check_data_args(args)
     _check_long_run_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
-    out = _run_dir(args.out, 'fit')
+    out = _run_dir(args, 'fit')
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
     from .callbacks.distributed import DistributedCB, launched
     if launched(): learn.add_cb(DistributedCB(args.strategy))  # torchrun started this process: train with the others
@@ -278,24 +340,44 @@ def _fit(args) -> int:
         newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
         if newest is not None: resume = ck; print(f'resuming from {newest}')
         elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
-    try:
-        if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, resume=resume)
-        else: learn.fit(args.epochs, lr=lr, resume=resume)
-    except KeyboardInterrupt:
-        if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
-        raise
+
+    def run(cbs):
+        try:
+            if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, cbs=cbs, resume=resume)
+            else: learn.fit(args.epochs, lr=lr, cbs=cbs, resume=resume)
+        except KeyboardInterrupt:
+            if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
+            raise
+    if code := _train(learn, out, run): return code
     if stop is not None and stop.stopped_epoch is not None:
         print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
-    learn.plot_metrics(out / 'loss.png')
     print(f'valid: {_last_valid(learn)}')
-    print(f'run folder: {out} (loss.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
+    print(f'run folder: {out} (metrics.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
+    if args.save is not None:
+        _save_weights(learn.model, args.save)
+        print(f'weights: {args.save} (torch.load({str(args.save)!r}, weights_only=True) gives the state_dict)')
     return 0
+
+
+def _save_weights(model, path: Path) -> None:
+    """The model's state_dict, on the CPU, written to a temporary file then renamed: a crash leaves no half file."""
+    import torch
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f'--save {path}: the weights could not be written ({e}); give a path you can write to') from None
 
 
 def _lr_find(args) -> int:
     _check_data_args(args)
     learn = _learner(args, args.model, args.opt, args.precision, args.bs)
-    out = _run_dir(args.out, 'lr-find')
+    out = _run_dir(args, 'lr-find')
+    print(f'LR finder: the lr grows {args.lr_mult:g}x per batch from {args.start_lr:g} until the smoothed loss exceeds '
+          f'3x its minimum')
     lr = _lr_find_quietly(learn, out, start_lr=args.start_lr, gamma=args.lr_mult, max_epochs=args.max_epochs)
     print('suggested lr: none (the loss shows no clear descent: see the plot)' if lr is None else f'suggested lr: {lr:.3g}')
     print(f'run folder: {out} (lr_find.png)')
@@ -323,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print('ultraloop: interrupted', file=sys.stderr)
         return 130
+    finally:
+        _remove_empty_run_dirs(args)
 
 
 if __name__ == '__main__':

@@ -94,10 +94,17 @@ def fashion_mnist(root: str | os.PathLike = 'data') -> tuple[torch.Tensor, torch
     out = []
     for (img_path, lbl_path) in ((found[0], found[1]), (found[2], found[3])):
         imgs, lbls = read_idx(img_path), read_idx(lbl_path)
+        if imgs.ndim == 1:
+            raise ValueError(f'{img_path} holds {len(imgs)} labels (a 1-dimensional IDX file), not images: it is a '
+                             f'labels file under an images file\'s name; put the images ({img_path.name}, 3-dimensional, '
+                             f'N x 28 x 28) there')
+        if lbls.ndim != 1:
+            raise ValueError(f'{lbl_path} holds images of shape {tuple(lbls.shape[1:])}, not labels: it is an images '
+                             f'file under a labels file\'s name; put the labels ({lbl_path.name}, 1-dimensional) there')
         if imgs.ndim != 3 or imgs.shape[1:] != (28, 28):
             raise ValueError(f'{img_path} holds images of shape {tuple(imgs.shape[1:])}, expected 28x28: '
                              f'it is not a FashionMNIST image file')
-        if lbls.ndim != 1 or len(lbls) != len(imgs):
+        if len(lbls) != len(imgs):
             raise ValueError(f'{lbl_path} holds {len(lbls)} labels for the {len(imgs)} images of {img_path}; '
                              f'each split needs one label per image: use files from the same release')
         if len(lbls) and int(lbls.max()) > 9:

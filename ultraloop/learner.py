@@ -5,7 +5,7 @@ import difflib
 import os
 import signal
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -91,6 +91,30 @@ def _check_callback(cb) -> None:
                              f'(name helper methods without a before_/after_/cleanup_ prefix)')
 
 
+def _check_loss_func(f) -> None:
+    if isinstance(f, type) and issubclass(f, nn.Module):
+        raise TypeError(f'loss_func is the class {f.__name__}; pass an instance, loss_func={f.__name__}()')
+    if isinstance(f, str):
+        hint = f'F.{f}' if callable(getattr(F, f, None)) else 'F.cross_entropy'
+        raise TypeError(f'loss_func is the string {f!r}; pass the function itself, e.g. loss_func={hint}')
+    if not callable(f):
+        raise TypeError(f'loss_func must be a function of (preds, targets) returning a scalar tensor, got '
+                        f'{type(f).__name__} {f!r}: pass e.g. loss_func=F.cross_entropy')
+
+
+def _check_opt_func(f) -> None:
+    if f is None: return
+    if isinstance(f, optim.Optimizer):
+        raise TypeError(f'opt_func is an optimiser instance ({type(f).__name__}); pass what builds one from (params, lr), '
+                        f'opt_func=torch.optim.{type(f).__name__}, or keep yours with opt_func=None and learn.opt = it')
+    if isinstance(f, str):
+        match = next((nm for nm in dir(optim) if nm.lower() == f.lower() and isinstance(getattr(optim, nm), type)), 'SGD')
+        raise TypeError(f'opt_func is the string {f!r}; pass the optimiser class, e.g. opt_func=torch.optim.{match}')
+    if not callable(f):
+        raise TypeError(f'opt_func must build an optimiser from (params, lr), got {type(f).__name__} {f!r}: pass e.g. '
+                        f'torch.optim.SGD or functools.partial(torch.optim.AdamW, weight_decay=0.01)')
+
+
 def _as_cbs(cbs) -> list:
     if cbs is None: return []
     if isinstance(cbs, (Callback, type, str, bytes, Mapping)) or not isinstance(cbs, Iterable): return [cbs]
@@ -114,11 +138,13 @@ class Learner:
 
     interrupted = False
     _sigint = False  # set by the ctrl-C handler fit installs (see _DeferredInterrupt)
+    _stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
     _resume = None  # a state.Resume while fit(resume=...) picks a run up
     sync_grads = True  # see above; a class default, so a fit without accumulation or processes never sets it
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
                  cbs=None, opt_func: Callable | None = optim.SGD):
+        _check_loss_func(loss_func); check_number('lr', lr, ge=0, finite=True); _check_opt_func(opt_func)
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.opt = None
         self._opt_params: list[int] = []
@@ -211,9 +237,17 @@ class Learner:
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
             self._loaded_position = None
             self._prepare_opt(self.lr if lr is None else lr)
-            with _DeferredInterrupt(self):
-                self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train, valid)
-                if self._sigint: raise KeyboardInterrupt  # a ctrl-C that came after the last batch
+            if self._stale_grads: self._clear_grads()
+            try:
+                with _DeferredInterrupt(self):
+                    self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train,
+                                      valid)
+                    if self._sigint: raise KeyboardInterrupt  # a ctrl-C that came after the last batch
+            except BaseException:
+                # an error (not a ctrl-C deferred to a batch's end) may leave a half-made step's .grad: it stays for
+                # inspection, and the next fit starts without it (a successful fit keeps it, as MomentumLearner needs)
+                if not self.interrupted: self._stale_grads = True
+                raise
         finally:
             self._resume = None
             if cbs: self.rm_cbs(cbs)
@@ -238,6 +272,7 @@ class Learner:
         for self.iter, self.batch in enumerate(batches, start):
             if self.iter == start: self._check_batch()
             self._one_batch()
+        if self.iter < 0: raise self._no_batches(self.training, self.dl)  # (a resumed phase starts past batch 0)
         self._in_phase, self._last_phase = False, (self.epoch, self.training)
 
     def _enter_phase(self) -> tuple[int, Any]:
@@ -304,13 +339,23 @@ class Learner:
     # ---- checks made before any batch runs ------------------------------------------------------------------
     def _check_fit_args(self, n_epochs, train, valid, lr) -> None:
         check_int('n_epochs', n_epochs, 0)
-        if lr is not None: check_number('lr', lr, ge=0, finite=True)
+        check_number('lr', self.lr if lr is None else lr, ge=0, finite=True)  # learn.lr may have been set since
         if not isinstance(self.model, nn.Module):
             raise TypeError(f'model must be a torch.nn.Module, got {type(self.model).__name__}')
         for phase, wanted in (('train', train), ('valid', valid)):
             if wanted and not hasattr(self.dls, phase):
                 raise TypeError(f'dls has no .{phase} ({type(self.dls).__name__} given): wrap your loaders as '
                                 f'DataLoaders(train_dl, valid_dl), or pass {phase}=False to fit')
+            if wanted and n_epochs and _len(dl := getattr(self.dls, phase)) == 0: raise self._no_batches(phase == 'train', dl)
+
+    def _no_batches(self, training: bool, dl) -> ValueError:
+        phase = 'train' if training else 'valid'
+        if isinstance(dl, Iterator):  # a generator: one pass, then empty
+            return ValueError(f'dls.{phase} yielded no batches in epoch {getattr(self, "epoch", 0)}: it is a '
+                              f'{type(dl).__name__}, which is used up after one pass; give a loader that can be iterated '
+                              f'again (a DataLoader, a list of batches, DataLoaders.from_tensors(...))')
+        return ValueError(f'dls.{phase} has no batches (its dataset is empty, or smaller than one batch with '
+                          f'drop_last=True): give it data, or pass {phase}=False to fit')
 
     def _check_steps(self, train: bool) -> None:
         for nm, providers in self._step_conflicts.items():
@@ -340,6 +385,10 @@ class Learner:
         if loss.ndim != 0:
             raise ValueError(f'learn.loss has shape {tuple(loss.shape)}; it must be a scalar: use a loss_func that '
                              f"reduces (reduction='mean') or call .mean() on it")
+
+    def _clear_grads(self) -> None:
+        for p in self.model.parameters(): p.grad = None
+        self._stale_grads = False
 
     def _prepare_opt(self, lr: float) -> None:
         """Create the optimiser on the first fit (or when the model's parameters changed); later fits keep its state
@@ -424,6 +473,11 @@ def _launch_env() -> tuple[int, int]:
     env = os.environ
     if 'RANK' in env and 'WORLD_SIZE' in env: return int(env['RANK']), int(env['WORLD_SIZE'])
     return 0, 1
+
+
+def _len(dl) -> int | None:
+    try: return len(dl)
+    except TypeError: return None  # an iterable without a length (an IterableDataset's loader, a generator)
 
 
 def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import struct
+import tempfile
 from pathlib import Path
 
 from ..learner import Callback, main_process
@@ -19,42 +22,86 @@ def _need_metrics(cb, learn) -> MetricsCB:
     return m
 
 
+def _file_problem(path: Path, folder: bool = False) -> str | None:
+    """Why a file (with `folder`: a folder to write files in) cannot be written at `path`, or None. Tried for real,
+    leaving nothing behind: permission bits do not tell root, or a read-only mount, the truth."""
+    if path.exists() and path.is_dir() != folder:
+        return f'{path} is a {"file" if folder else "folder"}; give the path of a {"folder" if folder else "file"}'
+    if path.is_file():
+        try: open(path, 'ab').close()  # opening to append changes nothing
+        except OSError as e: return f'{path} cannot be written ({e.strerror}); give a file you can write'
+        return None
+    for d in [path, *path.parents] if folder else path.parents:  # the nearest folder that exists must take a file
+        if not d.exists(): continue
+        if not d.is_dir(): return f'{d} is a file, so {path} cannot be written; give a path in a folder'
+        try: tempfile.TemporaryFile(dir=d).close()
+        except OSError as e:
+            return f'{path} cannot be written: the folder {d} takes no new files ({e.strerror}); give a path in a ' \
+                   f'folder you can write to'
+        return None
+    return None
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The header row of the CSV file at `path`, None for a new or empty file; ValueError naming it if it is no CSV."""
+    if not path.is_file() or path.stat().st_size == 0: return None
+    try:
+        with open(path, newline='', encoding='utf-8') as f: return next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f'{path} is not a CSV file ({type(e).__name__}: {e}); give the path of a new .csv file or of '
+                         f'one this logger wrote') from None
+
+
+def _csv_problem(path: Path, columns: list[str] | None = None) -> str | None:
+    """Why CSV rows with `columns` cannot be appended to `path`, or None."""
+    if (problem := _file_problem(path)) is not None: return problem.replace('path of a file', 'path of a .csv file')
+    try: old = _csv_header(path)
+    except ValueError as e: return str(e)
+    if columns is not None and old is not None and old != columns:
+        return f'{path} has the columns {old}, this run logs {columns}: pass another path'
+    return None
+
+
 class CSVLoggerCB(Callback):
     """Appends one row per epoch phase (MetricsCB's numbers: metrics, loss, epoch, train/eval) to the CSV file at
-    `path`, flushed as it is written. A run that finds the file appends to it, header once; a file whose header
-    differs is refused before any batch runs. Under several processes only the main one writes."""
+    `path`, flushed as it is written; floats are written with the fewest digits that give back their float32 value
+    (1.0000001, not 1.0000001192092896). A run that finds the file appends to it, header once; a file whose header
+    differs, or that is not a CSV file, is refused before any batch runs. Under several processes only the main one
+    writes."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
-        if self.path.is_dir(): raise ValueError(f'CSVLoggerCB: {self.path} is a folder; give the path of a .csv file')
-        for parent in self.path.parents:
-            if parent.exists() and not parent.is_dir():
-                raise ValueError(f'CSVLoggerCB: {parent} is a file, so {self.path} cannot be written; give a path in a folder')
+        if (problem := _csv_problem(self.path)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
         self._file = None
 
     def before_fit(self, learn):
         cols = _need_metrics(self, learn).columns
         if not main_process(learn): return  # one writer: the main process
-        old = self._header()
-        if old is not None and old != cols:
-            raise ValueError(f'{self.path} has the columns {old}, this run logs {cols}: pass another path to CSVLoggerCB')
+        if (problem := _csv_problem(self.path, cols)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
+        new = _csv_header(self.path) is None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, 'a', newline='')
+        self._file = open(self.path, 'a', newline='', encoding='utf-8')
         self._writer = csv.DictWriter(self._file, fieldnames=cols)
-        if old is None: self._writer.writeheader()
-
-    def _header(self) -> list[str] | None:
-        if not self.path.exists() or self.path.stat().st_size == 0: return None
-        with open(self.path, newline='') as f: return next(csv.reader(f), None)
+        if new: self._writer.writeheader()
 
     def log_metrics(self, learn, row: dict) -> None:
         if self._file is None: return  # not the main process
-        self._writer.writerow(row)
+        self._writer.writerow({k: _short(v) if isinstance(v, float) else v for k, v in row.items()})
         self._file.flush()
 
     def cleanup_fit(self, learn):
         if self._file is not None: self._file.close(); self._file = None
+
+
+def _short(v: float) -> str:
+    """The shortest decimal that reads back as the same float32: metrics are float32, so more digits are noise."""
+    try: f32 = struct.unpack('f', struct.pack('f', v))[0]
+    except OverflowError: return repr(v)  # beyond float32's range: a float64 value, written whole
+    for digits in range(1, 10):
+        s = f'{v:.{digits}g}'
+        if struct.unpack('f', struct.pack('f', float(s)))[0] == f32 or not math.isfinite(v): return s
+    return repr(v)
 
 
 class TensorBoardCB(Callback):

@@ -110,18 +110,34 @@ def suggest_lr(lrs: list[float], losses: list[float], smooth_decades: float = 0.
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None = None,
                  path: str | os.PathLike | None = None):
-    """Loss against lr on a log axis, the suggestion marked; inline in a notebook, else saved to `path`
-    (default lr_find.png). Returns the PNG's path, or None."""
-    from ..plotting import show_or_save, subplots
+    """Loss against lr on a log axis, the suggestion marked (or "no suggestion" written on the plot); inline in a
+    notebook, else saved to `path` (default lr_find.png). Returns the PNG's path, or None."""
+    from ..plotting import show_or_save
+    return show_or_save(_lr_find_figure(lrs, losses, suggestion), path, 'lr_find.png')
+
+
+def _lr_find_figure(lrs: list[float], losses: list[float], suggestion: float | None):
+    from ..plotting import subplots
     fig, ax = subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')
     ax.set_ylabel('loss')
+    finite = [v for v in losses if math.isfinite(v)]
+    if finite:
+        # the y range of the part before the loss diverges: the final blow-up would otherwise flatten the descent
+        # the suggestion is read from
+        i_min = min(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
+        lo, hi = min(finite), max(v for v in losses[:i_min + 1] if math.isfinite(v))
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
     if suggestion is not None:
         ax.axvline(suggestion, color='red', linestyle='--', label=f'suggested lr {suggestion:.2e}')
         ax.legend()
-    return show_or_save(fig, path, 'lr_find.png')
+    else:
+        ax.text(0.5, 0.95, 'no suggestion: the loss shows no clear descent', transform=ax.transAxes, ha='center',
+                va='top', color='red')
+    return fig
 
 
 def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10, *,

@@ -1,8 +1,10 @@
 """Metrics and the loss accumulated on the batch's device and read once per epoch phase (MetricsCB), and their plot."""
 from __future__ import annotations
 
+import math
 import os
 import sys
+import warnings
 from copy import copy
 from pathlib import Path
 
@@ -140,7 +142,8 @@ class MetricsCB(Callback):
     sample-weighted mean, over each train and valid phase, and hands each phase's row on: to `history`, to every
     callback in learn.cbs with a `log_metrics(learn, row)` method (ProgressCB, the loggers, early stopping), in their
     order, and to one printer: `_log` (the seed's printed dict) or, where a callback has a `print_metrics(learn, row)`
-    method (ProgressCB's table), that one, unless you override `_log`.
+    method (ProgressCB's table), that one, unless you override `_log`. `batch_losses` holds each training batch's
+    loss as (epochs trained, loss), for the plot; a phase whose mean loss is NaN or inf is warned of, once per fit.
 
     Nothing is read from the device per batch: each batch's predictions and targets are copied into a bounded device
     buffer (`buffer_bytes`) handed to the metrics in one `update` per chunk, when full and at the phase end. For metrics
@@ -167,13 +170,14 @@ class MetricsCB(Callback):
         self.all_metrics = copy(metrics)
         self.all_metrics['loss'] = self.loss = _WeightedMean()
         self.history: list[dict] = []
+        self.batch_losses: list[tuple[float, float]] = []
         self._device = None
 
     def _log(self, d: dict) -> None: print(d)
 
     def before_fit(self, learn):
         learn.metrics = self
-        self.history, self._device = [], None
+        self.history, self.batch_losses, self._device, self._warned = [], [], None, False
         if _several():
             for m in self.metrics.values():
                 if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
@@ -186,7 +190,7 @@ class MetricsCB(Callback):
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._rows = _Rows(self.buffer_bytes)
+        self._rows, self._losses = _Rows(self.buffer_bytes), []
         self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
         self._in_phase = True
 
@@ -196,6 +200,7 @@ class MetricsCB(Callback):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
         n = len(y)
+        if learn.model.training: self._losses.append(learn.loss.detach())  # kept on the device: read once, at the phase end
         if self._left is not None:
             if n > self._left: return self._count_head(learn, y, self._left)
             self._left -= n
@@ -240,6 +245,15 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
+        if self._losses:
+            n, losses = len(self._losses), torch.stack(self._losses).tolist()  # one read per train phase
+            self.batch_losses += [(learn.epoch + (i + 1) / n, v) for i, v in enumerate(losses)]
+            self._losses = []
+        if not self._warned and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
+            self._warned = True
+            warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
+                          f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
+                          f'stops a fit at the first such batch)', stacklevel=2)
         self._in_phase = False
         if self._main: self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
@@ -305,9 +319,20 @@ def _metrics_cb(learn) -> MetricsCB | None:
     return next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
 
 
+def _plot_phase_means(ax, history: list[dict], key: str) -> None:
+    """Each phase's `key` from MetricsCB rows, train and eval as two lines, drawn where the phase ended: epoch e's row
+    at e + 1 epochs trained (the x axis the per-batch losses share: batch i of n of epoch e is at e + (i + 1) / n)."""
+    for phase in ('train', 'eval'):
+        pts = [(r['epoch'] + 1, r[key]) for r in history if r['train'] == phase]
+        if pts: ax.plot(*zip(*pts), marker='o', label=f'{phase} (phase mean)' if key == 'loss' else phase)
+    ax.set_xlabel('epochs trained')
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
-    """Plot each metric of the last fit's `MetricsCB.history` against the epoch, train and eval phases as two lines:
-    inline in a notebook, else saved to `path` (default `metrics.png`). Returns the PNG's path, or None (also in every
+    """Plot each metric of the last fit's `MetricsCB.history` against the epochs trained, train and eval phases as two
+    lines, and each training batch's loss on the loss panel: inline in a notebook, else saved to `path` (default
+    `metrics.png`). Returns the PNG's path, or None. (also in every
     process but the main one, which alone draws)."""
     from ..plotting import show_or_save, subplots
     m = getattr(learn, 'metrics', None)
@@ -317,11 +342,9 @@ def plot_metrics(learn, path: str | os.PathLike | None = None) -> Path | None:
     keys = [k for k in m.all_metrics if all(isinstance(r.get(k), (int, float)) for r in m.history)]
     fig, axs = subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, k in zip(axs[0], keys):
-        for phase in ('train', 'eval'):
-            rows = [r for r in m.history if r['train'] == phase]
-            if rows: ax.plot([r['epoch'] for r in rows], [r[k] for r in rows], marker='o', label=phase)
-        ax.set_title(k); ax.set_xlabel('epoch'); ax.legend()
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if k == 'loss' and m.batch_losses: ax.plot(*zip(*m.batch_losses), alpha=0.4, label='train (each batch)')
+        _plot_phase_means(ax, m.history, k)
+        ax.set_title(k); ax.legend()
     fig.tight_layout()
     return show_or_save(fig, path, 'metrics.png')
 
