@@ -169,6 +169,24 @@ def dataloader(out: Path, rank: int) -> dict:
     return {'valid_only': first, 'history': learn.metrics.history, 'params': flat_params(learn.model)}
 
 
+class PoisonAt(Callback):
+    """Rank `rank`'s train batch `it` of epoch 0 becomes NaN."""
+    def __init__(self, rank: int, it: int): self.rank, self.it = rank, it
+
+    def before_batch(self, learn):
+        if learn.training and learn.epoch == 0 and learn.iter == self.it and learn.rank == self.rank:
+            learn.batch[0] = learn.batch[0] * float('nan')
+
+
+def nan(out: Path, rank: int) -> dict:
+    """A NaN loss on one rank only: TerminateOnNaNCB skips that batch on both, or they would part ways and hang."""
+    from ultraloop import TerminateOnNaNCB
+    stop = TerminateOnNaNCB('skip')
+    learn = learner(16, model_seed=rank, cbs=[DistributedCB(), PoisonAt(1, 1), stop])
+    with captured(): learn.fit(1)
+    return {'skipped': stop.skipped, 'params': flat_params(learn.model)}
+
+
 def cli(out: Path, rank: int) -> dict:
     from ultraloop.cli import main
     d = out / f'cli-rank{rank}'
@@ -227,7 +245,7 @@ def fail(out: Path, rank: int) -> dict:
     return {}
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp, accumulate, dataloader, cli, accelerate, machines, kill, resume, fail)}
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp, accumulate, dataloader, nan, cli, accelerate, machines, kill, resume, fail)}
 
 if __name__ == '__main__':
     torch.set_num_threads(1)

@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
         'one': [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
                 '--num_machines', '1', '--main_process_ip', '127.0.0.1', '--main_process_port', str(p_one),
                 '--mixed_precision', 'no', '--dynamo_backend', 'no', str(CHILD), str(dirs['one']),
-                'ddp', 'fsdp', 'accumulate', 'dataloader', 'cli', 'accelerate'],
+                'ddp', 'fsdp', 'accumulate', 'dataloader', 'nan', 'cli', 'accelerate'],
         'node0': torchrun('--nnodes', '2', '--node-rank', '0', '--nproc-per-node', '1', '--master-port', str(p_two),
                           str(CHILD), str(dirs['two']), 'machines', 'kill'),
         'node1': torchrun('--nnodes', '2', '--node-rank', '1', '--nproc-per-node', '1', '--master-port', str(p_two),
@@ -207,11 +207,17 @@ def test_torch_dataloaders_get_distributed_samplers_and_repeats_are_not_counted(
         assert [counted(h) for h in r['history']] == [child.N_TRAIN - 1, child.N_VALID]
 
 
+def test_a_loss_not_finite_on_one_rank_skips_the_batch_on_every_rank(runs):
+    r0, r1 = runs.load('one', 'nan')
+    assert r0['skipped'] == r1['skipped'] == 1 and r0['params'] == r1['params']
+    assert all(v == v for v in r0['params'])  # no NaN reached the weights
+
+
 def test_cli_fit_under_torchrun_trains_with_distributed_cb_and_only_rank0_prints(runs):
     r0, r1 = runs.load('one', 'cli')
     assert r0['rc'] == r1['rc'] == 0
     assert r1['printed'] == '' and r1['files'] is None  # rank 1 made no run folder
-    assert r0['files'] == ['history.csv', 'loss.png']
+    assert r0['files'] == ['history.csv', 'metrics.png']
     assert re.search(r'^valid: accuracy 0\.\d{3}, loss \d\.\d{3}$', r0['printed'], re.M)
     assert 'data: digits (1,438 train, 359 valid' in r0['printed']
 

@@ -81,6 +81,8 @@ class DistributedCB(Callback):
     - Accumulation: `learn.sync_grads` (GradientAccumulationCB sets it False before non-final micro-batches) is given to
       DDP before each forward (`require_backward_grad_sync`) or to FSDP (`set_requires_gradient_sync`), so gradients
       are reduced once per optimiser step.
+    - Checkpoints (CheckpointCB, `learn.save_state`): every process takes part, the main one writes; the file holds
+      each process's own parts and loads in any number of processes (see `state.learner_state`).
     - Failure: cleanup runs no collective (it also runs after an error); a process that raises exits, and torchrun ends
       the others.
     Outside torchrun and with no process group, it does nothing, so one script runs under python and torchrun alike.

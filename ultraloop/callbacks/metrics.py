@@ -249,7 +249,7 @@ class MetricsCB(Callback):
             n, losses = len(self._losses), torch.stack(self._losses).tolist()  # one read per train phase
             self.batch_losses += [(learn.epoch + (i + 1) / n, v) for i, v in enumerate(losses)]
             self._losses = []
-        if not self._warned and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
+        if not self._warned and self._main and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
             self._warned = True
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
                           f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '

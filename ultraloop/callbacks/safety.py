@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import warnings
 
-from ..learner import Callback, CancelBatchException, CancelFitException
+import torch
+import torch.distributed as dist
+
+from ..learner import Callback, CancelBatchException, CancelFitException, main_process
 from ..state import cpu_copy, epoch_ends
 from ..utils import check_int, check_number
-from .metrics import _metrics_cb
+from .metrics import _comm_device, _metrics_cb, _several
 
 __all__ = ['MonitorCB', 'EarlyStoppingCB', 'TerminateOnNaNCB']
 
@@ -122,7 +125,8 @@ class TerminateOnNaNCB(Callback):
     `message` and `stopped_at` (epoch, batch), both counted from 0; `action='skip'` drops that batch as if it were
     cancelled after its loss (no backward, no step, gradients and schedules as they were, no metrics) and training goes
     on, `skipped` counting the batches dropped this fit. Costs one host read of the loss per training batch (a
-    host-device sync); valid phases are not checked (MetricsCB warns when a phase's mean loss is not finite)."""
+    host-device sync); valid phases are not checked (MetricsCB warns when a phase's mean loss is not finite). Under
+    several processes a loss that is not finite on any of them stops (or skips) the batch on all."""
     order = -40  # before GradientAccumulationCB (-30) and MixedPrecisionCB (-20) scale the loss in after_loss
 
     def __init__(self, action: str = 'stop'):
@@ -132,11 +136,14 @@ class TerminateOnNaNCB(Callback):
         self.action = action
         self.skipped, self.stopped_at, self.message = 0, None, None
 
-    def before_fit(self, learn): self.skipped, self.stopped_at, self.message = 0, None, None
+    def before_fit(self, learn):
+        self.skipped, self.stopped_at, self.message = 0, None, None
+        self._several, self._main = _several(), main_process(learn)
 
     def after_loss(self, learn):
         if not learn.training: return
-        v = learn.loss.item()  # the one host read per step (see the class doc)
+        if self._several: v = self._any_rank(learn.loss.detach())
+        else: v = learn.loss.item()  # the one host read per step (see the class doc)
         if math.isfinite(v): return
         if self.action == 'skip':
             self.skipped += 1
@@ -144,5 +151,15 @@ class TerminateOnNaNCB(Callback):
         self.stopped_at = (learn.epoch, learn.iter)
         self.message = (f'the training loss is {v} at epoch {learn.epoch}, batch {learn.iter} (both counted from 0); the '
                         f'fit stopped before that batch\'s step: lower the lr, or look for NaN/inf in the data')
-        warnings.warn(f'TerminateOnNaNCB: {self.message}', stacklevel=2)
+        if self._main: warnings.warn(f'TerminateOnNaNCB: {self.message}', stacklevel=2)
         raise CancelFitException()
+
+    @staticmethod
+    def _any_rank(loss) -> float:
+        """This process's loss, or NaN when any process's is not finite: all stop or skip at the same batch, or the
+        others would wait in the gradient all-reduce for one that left (one all-reduce, on the same host read)."""
+        t = torch.stack([loss.float(), (~torch.isfinite(loss)).float()]).to(_comm_device())
+        bad = t[1:].clone()
+        dist.all_reduce(bad)
+        v = t[0].item()
+        return v if not bad.item() else (v if not math.isfinite(v) else float('nan'))
