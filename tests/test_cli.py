@@ -1,4 +1,6 @@
-"""The `ultraloop` command end to end: demo, fit and lr-find in a subprocess, and every kind of bad argument."""
+"""The `ultraloop` command end to end: demo, fit and lr-find, and every kind of bad argument. Most runs call the command's
+`main` in this process (each new interpreter costs seconds importing torch); the demo, the installed console script and
+what needs a terminal or a signal run as real subprocesses."""
 import re
 import subprocess
 import sys
@@ -18,6 +20,21 @@ def run_cli(*args, cwd=None, timeout=120, env_extra=None):
     env = {**os.environ, **env_extra} if env_extra else None
     return subprocess.run([sys.executable, '-m', 'ultraloop', *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, keep_threads):
+    """Runs the command in this process as `python -m ultraloop ARGS` would (optionally from folder `cwd`); returns what
+    a subprocess run gives: returncode, stdout, stderr."""
+    import types
+
+    def run(*args, cwd=None):
+        if cwd is not None: monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(map(str, args)))
+        out, err = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
 
 
 @pytest.fixture
@@ -109,11 +126,11 @@ def test_cuda_without_cuda_is_a_usage_error(capsys):
                         r'or auto \(see ultraloop fit --help\)\n', capsys.readouterr().err)
 
 
-def test_subprocess_bad_arguments_and_missing_files_one_line_no_traceback(tmp_path):
-    r = run_cli('fit', '--epochs', '-3')
-    assert r.returncode == 2 and r.stdout == ''
-    assert r.stderr == 'ultraloop fit: error: argument --epochs: must be >= 1, got -3 (see ultraloop fit --help)\n'
-    r = run_cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path, '--out', tmp_path / 'run')
+def test_bad_arguments_and_missing_files_one_line_no_traceback(tmp_path, cli, capsys):
+    with pytest.raises(SystemExit) as e: main(['fit', '--epochs', '-3'])
+    assert e.value.code == 2 and capsys.readouterr() == (
+        '', 'ultraloop fit: error: argument --epochs: must be >= 1, got -3 (see ultraloop fit --help)\n')
+    r = cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path, '--out', tmp_path / 'run')
     assert r.returncode == 2, r.stderr
     last = r.stderr.splitlines()
     assert len(last) == 1 and 'Traceback' not in r.stderr
@@ -132,13 +149,13 @@ def test_demo_end_to_end(tmp_path):
     for png in ('metrics.png', 'lr_find.png'): assert (out / png).read_bytes()[:8] == PNG
 
 
-def test_fit_fashion_mnist_files_end_to_end(tmp_path):
+def test_fit_fashion_mnist_files_end_to_end(tmp_path, cli):
     from test_datasets import write_fashion
     write_fashion(tmp_path / 'data' / 'FashionMNIST' / 'raw', n_train=96, n_test=40)
     csv = tmp_path / 'metrics.csv'
-    r = run_cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path / 'data', '--model', 'mlp', '--epochs', '2',
-                '--bs', '32', '--opt', 'sgd', '--lr', '0.05', '--one-cycle', '--precision', 'bf16', '--device', 'cpu',
-                '--threads', '1', '--csv', csv, '--out', tmp_path / 'run')
+    r = cli('fit', '--data', 'fashion-mnist', '--data-dir', tmp_path / 'data', '--model', 'mlp', '--epochs', '2',
+            '--bs', '32', '--opt', 'sgd', '--lr', '0.05', '--one-cycle', '--precision', 'bf16', '--device', 'cpu',
+            '--threads', '1', '--csv', csv, '--out', tmp_path / 'run')
     assert r.returncode == 0, r.stderr[-3000:]
     assert ('data: fashion-mnist (96 train, 40 valid, (1, 28, 28)), model: mlp, opt: sgd, device: cpu, '
             'precision: bf16') in r.stdout
@@ -147,8 +164,8 @@ def test_fit_fashion_mnist_files_end_to_end(tmp_path):
     assert (tmp_path / 'run' / 'metrics.png').read_bytes()[:8] == PNG
 
 
-def test_lr_find_end_to_end_shows_its_progress(tmp_path):
-    r = run_cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--threads', '1', '--out', tmp_path)
+def test_lr_find_end_to_end_shows_its_progress(tmp_path, cli):
+    r = cli('lr-find', '--model', 'mlp', '--opt', 'sgd', '--max-epochs', '3', '--threads', '1', '--out', tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r'^suggested lr: \d', r.stdout, re.M)
     # not a terminal: no bars, one line per phase while the finder runs (23 batches of 64 in an epoch of the digits)
@@ -189,9 +206,8 @@ def test_user_errors_are_one_line_and_library_bugs_keep_their_traceback(monkeypa
 
 
 # ---- first contact (issue 14) ----------------------------------------------------------------------------------------
-def test_diverged_fit_exits_1_naming_epoch_and_batch_and_leaves_no_empty_run_folder(tmp_path):
-    r = run_cli('fit', '--model', 'mlp', '--lr', '1e6', '--epochs', '3', '--threads', '1', cwd=tmp_path,
-                env_extra={'PYTHONPATH': str(ROOT)})
+def test_diverged_fit_exits_1_naming_epoch_and_batch_and_leaves_no_empty_run_folder(tmp_path, cli):
+    r = cli('fit', '--model', 'mlp', '--lr', '1e6', '--epochs', '3', '--threads', '1', cwd=tmp_path)
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert re.fullmatch(r'ultraloop: error: the training loss is (nan|inf) at epoch 0, batch \d+ \(both counted from 0\); '
                         r"the fit stopped before that batch's step: lower the lr, or look for NaN/inf in the data\n",
@@ -200,12 +216,12 @@ def test_diverged_fit_exits_1_naming_epoch_and_batch_and_leaves_no_empty_run_fol
     assert 'valid:' not in r.stdout
 
 
-def test_fit_saves_weights_that_load_with_weights_only_and_reports_micro_accuracy(tmp_path):
+def test_fit_saves_weights_that_load_with_weights_only_and_reports_micro_accuracy(tmp_path, cli):
     from ultraloop.datasets import digits
     from ultraloop.models import mlp
     weights, csv = tmp_path / 'w' / 'mlp.pt', tmp_path / 'm.csv'
-    r = run_cli('fit', '--model', 'mlp', '--epochs', '1', '--threads', '1', '--out', tmp_path / 'run', '--save', weights,
-                '--csv', csv)
+    r = cli('fit', '--model', 'mlp', '--epochs', '1', '--threads', '1', '--out', tmp_path / 'run', '--save', weights,
+            '--csv', csv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"weights: {weights} (torch.load('{weights}', weights_only=True) gives the state_dict)" in r.stdout
     model = mlp(64, 128, 10)
