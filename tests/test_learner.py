@@ -237,6 +237,18 @@ def test_to_device_and_to_cpu_keep_structure():
     assert def_device == ('mps' if torch.backends.mps.is_available() else 'cuda' if torch.cuda.is_available() else 'cpu')
 
 
+def test_map_tensors_keeps_namedtuples_ordered_dicts_and_state_dict_metadata():
+    from collections import OrderedDict, namedtuple
+
+    from ultraloop.utils import map_tensors
+    Pair = namedtuple('Pair', 'x y')
+    sd = torch.nn.Linear(2, 1).state_dict()
+    out = map_tensors(lambda t: t * 2, {'p': Pair(torch.ones(1), 3), 'sd': sd, 'l': [object]}, other=lambda v: ('seen', v))
+    assert isinstance(out['p'], Pair) and out['p'].x.item() == 2 and out['p'].y == ('seen', 3)
+    assert isinstance(out['sd'], OrderedDict) and out['sd']._metadata == sd._metadata
+    assert torch.equal(out['sd']['weight'], sd['weight'] * 2) and out['l'] == [('seen', object)]
+
+
 # ---- errors: one line, names the problem and the fix, before any batch; the learner stays usable ------------------
 def test_misspelt_hook_refused_with_nearest_event():
     class Typo(Callback):

@@ -9,10 +9,11 @@ import random
 import re
 import sys
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from .utils import map_tensors
 
 __all__ = ['learner_state', 'load_learner_state', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
            'checkpoint_name', 'newest_checkpoint', 'cpu_copy', 'Snapshot']
@@ -447,15 +448,8 @@ def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
 
 # ---- in-process snapshots (lr_find, summary) ------------------------------------------------------------------------
 def cpu_copy(x):
-    """A copy with every tensor cloned to the CPU (keeps a GPU model's snapshot out of GPU memory)."""
-    if isinstance(x, torch.Tensor): return x.detach().to('cpu', copy=True)
-    if isinstance(x, OrderedDict):
-        out = OrderedDict((k, cpu_copy(v)) for k, v in x.items())
-        if hasattr(x, '_metadata'): out._metadata = copy.deepcopy(x._metadata)  # module versions, for load_state_dict
-        return out
-    if isinstance(x, dict): return {k: cpu_copy(v) for k, v in x.items()}
-    if type(x) in (list, tuple): return type(x)(cpu_copy(v) for v in x)
-    return copy.deepcopy(x)
+    """A copy with every tensor cloned to the CPU (keeps a GPU model's snapshot out of GPU memory), other values deep-copied."""
+    return map_tensors(lambda t: t.detach().to('cpu', copy=True), x, copy.deepcopy)
 
 
 class Snapshot:

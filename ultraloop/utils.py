@@ -1,7 +1,9 @@
 """Small helpers every layer may use: argument checks with one-line errors, walking nested tensors, module names."""
 from __future__ import annotations
 
+import copy
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -45,12 +47,19 @@ def check_number(what: str, v, gt: float | None = None, ge: float | None = None,
     return v
 
 
-def map_tensors(f: Callable[[torch.Tensor], Any], x):
-    """`f` applied to every tensor in `x` (a tensor, or lists, tuples and dicts of them); other values pass through."""
+def map_tensors(f: Callable[[torch.Tensor], Any], x, other: Callable[[Any], Any] | None = None):
+    """`f` applied to every tensor in `x` (a tensor, or lists, tuples and dicts of them); other values pass through,
+    or through `other` when given. An OrderedDict stays one, with its `_metadata` (a state dict's module versions)."""
     if isinstance(x, torch.Tensor): return f(x)
-    if isinstance(x, Mapping): return {k: map_tensors(f, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(map_tensors(f, o) for o in x)
-    return x
+    if isinstance(x, OrderedDict):
+        out = OrderedDict((k, map_tensors(f, v, other)) for k, v in x.items())
+        if hasattr(x, '_metadata'): out._metadata = copy.deepcopy(x._metadata)
+        return out
+    if isinstance(x, Mapping): return {k: map_tensors(f, v, other) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        items = [map_tensors(f, o, other) for o in x]
+        return type(x)(*items) if hasattr(x, '_fields') else type(x)(items)  # a namedtuple takes its fields one by one
+    return x if other is None else other(x)
 
 
 def module_names(model: nn.Module) -> dict[int, str]:

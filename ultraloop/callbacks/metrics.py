@@ -27,7 +27,7 @@ class _WeightedMean:
     def reset(self) -> None: self.total, self.weight = None, 0
 
     def update(self, value: torch.Tensor, weight: int = 1) -> None:
-        value = value.detach()
+        """Add `value` (a tensor without grad: detach it first) times `weight`."""
         if self.total is None:
             dtype = torch.float32 if value.device.type == 'mps' else torch.float64
             self.total = torch.zeros((), dtype=dtype, device=value.device)
@@ -94,45 +94,32 @@ class _Rows:
     """Predictions and targets of a phase's batches, copied (`copy_`, no host sync) into two preallocated device tensors
     of about `nbytes` together, then handed to the metrics as one chunk when full and at the phase end. Memory stays
     bounded whatever the class count, no per-batch allocation fragments the allocator, and outputs that a step writes
-    in place (a CUDA graph replay) are safe, as each batch is copied. A batch of another trailing shape closes the
-    chunk (so sequences of varying length are handed over batch by batch); the buffers take the dtype and device of the
-    chunk's first batch."""
+    in place (a CUDA graph replay) are safe, as each batch is copied. A batch of another row size closes the chunk (so
+    sequences of varying length are handed over batch by batch; a row of the same size in another shape cannot be
+    copied in and fails loudly); the buffers take the dtype and device of the chunk's first batch."""
 
-    def __init__(self, nbytes: int): self.nbytes, self.p, self.n, self.cap, self.ps, self.ys = nbytes, None, 0, 0, None, None
+    def __init__(self, nbytes: int): self.nbytes, self.p, self.n, self.cap = nbytes, None, 0, 0
 
     def fits(self, p: torch.Tensor, y: torch.Tensor) -> bool:
-        """Whether the batch can join the open chunk (False: take() the chunk first). Per batch: keep it cheap."""
-        return self.n + len(p) <= self.cap and p.shape[1:] == self.ps and y.shape[1:] == self.ys
+        """Whether the batch can join the open chunk (False: take() the chunk first). Per batch: a few integer tests."""
+        k = len(p)
+        return self.n + k <= self.cap and p.numel() == k * self.prow and y.numel() == k * self.yrow
 
     def add(self, p: torch.Tensor, y: torch.Tensor) -> None:
         n, k = self.n, len(p)
         if self.p is None:  # as many rows of this shape as fit in nbytes, at least one batch
             self.cap = max(k, self.nbytes // max(p[:1].nbytes + y[:1].nbytes, 1))
             self.p, self.y = p.new_empty((self.cap, *p.shape[1:])), y.new_empty((self.cap, *y.shape[1:]))
-            self.ps, self.ys = p.shape[1:], y.shape[1:]
+            self.prow, self.yrow = self.p[0].numel(), self.y[0].numel()
         self.p[n:n + k].copy_(p)
         self.y[n:n + k].copy_(y)
         self.n = n + k
-
-    def state(self) -> dict | None:
-        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
-        return None if self.p is None else {'p': self.p[:self.n], 'y': self.y[:self.n], 'cap': len(self.p)}
-
-    def load(self, s: dict | None, device) -> None:
-        self.p = self.y = None
-        self.n = 0
-        if s is None: return
-        p, y = s['p'].to(device), s['y'].to(device)
-        self.p, self.y = p.new_empty((s['cap'], *p.shape[1:])), y.new_empty((s['cap'], *y.shape[1:]))
-        self.p[:len(p)].copy_(p)
-        self.y[:len(y)].copy_(y)
-        self.n = len(p)
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's rows; the next add allocates anew, so a metric may keep what it is given."""
         if not self.n: return None
         out = self.p[:self.n], self.y[:self.n]
-        self.p = self.y = self.ps = self.ys = None
+        self.p = self.y = None
         self.n = self.cap = 0
         return out
 
@@ -199,12 +186,12 @@ class MetricsCB(Callback):
         except (KeyError, IndexError):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
-        n = len(y)
-        if learn.model.training: self._losses.append(learn.loss.detach())  # kept on the device: read once, at the phase end
+        n, loss = len(y), learn.loss.detach()
+        if learn.model.training: self._losses.append(loss)  # kept on the device: read once, at the phase end
         if self._left is not None:
             if n > self._left: return self._count_head(learn, y, self._left)
             self._left -= n
-        self.loss.update(learn.loss, n)
+        self.loss.update(loss, n)
         if self.metrics: self._add(learn.preds, y)
 
     def _count_head(self, learn, y, k: int) -> None:
