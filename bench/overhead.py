@@ -108,7 +108,7 @@ def ultraloop_metrics(data, bs):
     return lambda: learn.fit(1)
 
 
-def hand_deferred(data, bs, chunk_bytes: int = 4 * 2**20):
+def hand_deferred(data, bs, chunk_bytes: int = 2**20):
     """The bar for MetricsCB's own work: the same deferred metric a careful user writes by hand. Per batch the
     predictions and targets are copied into preallocated buffers and the sample-weighted loss added on the device; the
     torchmetrics accuracy gets one update per full buffer and at the phase end, and each value is read once a phase."""

@@ -142,7 +142,8 @@ class MetricsCB(Callback):
     state and the buffered rows), so a run resumed mid-phase reports the numbers it would have. A metric's state is
     read through torchmetrics' `metric_state` or the metric's own `state_dict`/`load_state_dict` (torcheval)."""
     order = 0
-    buffer_bytes = 4 * 2**20  # device memory holding predictions and targets between metric updates
+    buffer_bytes = 2**20  # device memory holding predictions and targets between metric updates; a metric's update may
+    # make temporaries several times a chunk's size (one-hot targets), so a small chunk also bounds those
 
     def __init__(self, *ms, **metrics):
         for o in ms: metrics[type(o).__name__] = o
@@ -177,7 +178,7 @@ class MetricsCB(Callback):
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._rows, self._losses = _Rows(self.buffer_bytes), []
+        self._rows, self._losses, self._loss_chunks = _Rows(self.buffer_bytes), [], []
         self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
         self._in_phase = True
 
@@ -187,7 +188,9 @@ class MetricsCB(Callback):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
         n, loss = len(y), learn.loss.detach()
-        if learn.model.training: self._losses.append(loss)  # kept on the device: read once, at the phase end
+        if learn.model.training:  # kept on the device, read once at the phase end; stacked every 64 to stay small
+            self._losses.append(loss)
+            if len(self._losses) == 64: self._loss_chunks.append(torch.stack(self._losses)); self._losses = []
         if self._left is not None:
             if n > self._left: return self._count_head(learn, y, self._left)
             self._left -= n
@@ -232,10 +235,11 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
-        if self._losses:
-            n, losses = len(self._losses), torch.stack(self._losses).tolist()  # one read per train phase
+        if self._losses or self._loss_chunks:
+            losses = torch.cat([*self._loss_chunks, *([torch.stack(self._losses)] if self._losses else [])])
+            losses, n = losses.tolist(), len(losses)  # one read per train phase
             self.batch_losses += [(learn.epoch + (i + 1) / n, v) for i, v in enumerate(losses)]
-            self._losses = []
+            self._losses, self._loss_chunks = [], []
         if not self._warned and self._main and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
             self._warned = True
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
