@@ -115,12 +115,45 @@ class _Rows:
         self.y[n:n + k].copy_(y)
         self.n = n + k
 
+    def state(self) -> dict | None:
+        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
+        return None if self.p is None else {'p': self.p[:self.n], 'y': self.y[:self.n], 'cap': self.cap}
+
+    def load(self, s: dict | None, device) -> None:
+        self.p = self.y = None
+        self.n = self.cap = 0
+        if s is None: return
+        p, y = s['p'].to(device), s['y'].to(device)
+        self.cap = s['cap']
+        self.p, self.y = p.new_empty((self.cap, *p.shape[1:])), y.new_empty((self.cap, *y.shape[1:]))
+        self.prow, self.yrow = self.p[0].numel(), self.y[0].numel()
+        self.p[:len(p)].copy_(p)
+        self.y[:len(y)].copy_(y)
+        self.n = len(p)
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's rows; the next add allocates anew, so a metric may keep what it is given."""
         if not self.n: return None
         out = self.p[:self.n], self.y[:self.n]
         self.p = self.y = None
         self.n = self.cap = 0
+        return out
+
+
+class _BatchLosses:
+    """Each training batch's loss for the metrics plot: kept on the device (stacked every 64 batches, so a long phase
+    holds a few tensors, not one per batch) and read once, at the phase end."""
+
+    def __init__(self): self.pending, self.chunks = [], []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
+        if len(self.pending) == 64: self.chunks.append(torch.stack(self.pending)); self.pending = []
+
+    def take(self) -> list[float]:
+        if self.pending: self.chunks.append(torch.stack(self.pending))
+        out = torch.cat(self.chunks).tolist() if self.chunks else []
+        self.pending, self.chunks = [], []
         return out
 
 
@@ -178,7 +211,7 @@ class MetricsCB(Callback):
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
-        self._rows, self._losses, self._loss_chunks = _Rows(self.buffer_bytes), [], []
+        self._rows, self._batch = _Rows(self.buffer_bytes), _BatchLosses()
         self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
         self._in_phase = True
 
@@ -188,9 +221,7 @@ class MetricsCB(Callback):
             raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
                             f'without one: yield (x, y, ...) batches') from None
         n, loss = len(y), learn.loss.detach()
-        if learn.model.training:  # kept on the device, read once at the phase end; stacked every 64 to stay small
-            self._losses.append(loss)
-            if len(self._losses) == 64: self._loss_chunks.append(torch.stack(self._losses)); self._losses = []
+        if learn.model.training: self._batch.add(loss)
         if self._left is not None:
             if n > self._left: return self._count_head(learn, y, self._left)
             self._left -= n
@@ -235,11 +266,8 @@ class MetricsCB(Callback):
         row['epoch'] = learn.epoch
         row['train'] = 'train' if learn.model.training else 'eval'  # a hand-written learner may have no .training
         self.history.append(row)
-        if self._losses or self._loss_chunks:
-            losses = torch.cat([*self._loss_chunks, *([torch.stack(self._losses)] if self._losses else [])])
-            losses, n = losses.tolist(), len(losses)  # one read per train phase
-            self.batch_losses += [(learn.epoch + (i + 1) / n, v) for i, v in enumerate(losses)]
-            self._losses, self._loss_chunks = [], []
+        losses = self._batch.take()  # one read per train phase
+        self.batch_losses += [(learn.epoch + (i + 1) / len(losses), v) for i, v in enumerate(losses)]
         if not self._warned and self._main and isinstance(row['loss'], float) and not math.isfinite(row['loss']):
             self._warned = True
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
