@@ -133,7 +133,11 @@ class Learner:
       it False before non-final micro-batches, DistributedCB reads it before the forward),
       rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True).
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
-    or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`.
+    or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`. `train_step()` runs them with
+    the events between (a callback may provide its own `train_step`, as CudaGraphCB does).
+    Conveniences are attached by the modules that define them: `lr_find` (callbacks/lr_finder.py), `fit_one_cycle`
+    (callbacks/schedule.py), `plot_metrics` (callbacks/metrics.py), `capture_preds` (callbacks/augment.py), `summary`
+    (summary.py); `import ultraloop` attaches them all.
     """
 
     interrupted = False
