@@ -135,9 +135,8 @@ class Learner:
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`. `train_step()` runs them with
     the events between (a callback may provide its own `train_step`, as CudaGraphCB does).
-    Conveniences are attached by the modules that define them: `lr_find` (callbacks/lr_finder.py), `fit_one_cycle`
-    (callbacks/schedule.py), `plot_metrics` (callbacks/metrics.py), `capture_preds` (callbacks/augment.py), `summary`
-    (summary.py); `import ultraloop` attaches them all.
+    Conveniences (`lr_find`, `fit_one_cycle`, `plot_metrics`, `capture_preds`, `summary`) are attached by the modules
+    that define them (ARCHITECTURE.md says which); `import ultraloop` attaches them all.
     """
 
     interrupted = False

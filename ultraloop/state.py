@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import map_tensors
+from .utils import map_tensors, several_processes
 
 __all__ = ['learner_state', 'load_learner_state', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
            'checkpoint_name', 'newest_checkpoint', 'cpu_copy', 'Snapshot']
@@ -205,9 +205,7 @@ _PER_RANK = ('grads', 'callbacks', 'loaders', 'rng')  # what each process holds 
 def _processes() -> tuple[int, int] | None:
     """(rank, world size) in a process group of more than one process, else None."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
+    return (dist.get_rank(), dist.get_world_size()) if several_processes() else None
 
 
 def own_parts(sd: dict, rank: int, world_size: int) -> dict:

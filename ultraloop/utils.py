@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ['is_int', 'is_number', 'check_int', 'check_number', 'map_tensors', 'module_names']
+__all__ = ['is_int', 'is_number', 'check_int', 'check_number', 'map_tensors', 'module_names', 'several_processes']
 
 
 def is_int(v) -> bool:
@@ -65,3 +66,8 @@ def map_tensors(f: Callable[[torch.Tensor], Any], x, other: Callable[[Any], Any]
 def module_names(model: nn.Module) -> dict[int, str]:
     """Each module's name in `model` by `id(module)` ('model' for the root), as the model's state dict names them."""
     return {id(m): n or 'model' for n, m in model.named_modules()}
+
+
+def several_processes() -> bool:
+    """True inside a torch.distributed process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -11,8 +11,7 @@ import torch.distributed as dist
 
 from ..learner import Callback, CancelEpochException, CancelFitException, Learner
 from ..state import Snapshot
-from ..utils import check_int, check_number
-from .metrics import _several
+from ..utils import check_int, check_number, several_processes
 from .schedule import BaseSchedCB
 
 __all__ = ['LRFinderCB', 'suggest_lr', 'plot_lr_find']  # lr_find: use learn.lr_find
@@ -59,7 +58,7 @@ class LRFinderCB(Callback):
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[0]['lr'])
         loss = learn.loss.detach()
-        if _several():  # every process must see the same loss, or they would stop at different batches and hang
+        if several_processes():  # every process must see the same loss, or they would stop at different batches and hang
             loss = loss.clone()
             dist.all_reduce(loss)
             loss /= dist.get_world_size()

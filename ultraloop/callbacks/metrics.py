@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..data import n_counted
 from ..learner import Callback, Learner, main_process
-from ..utils import map_tensors
+from ..utils import map_tensors, several_processes
 
 __all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
 
@@ -199,7 +199,7 @@ class MetricsCB(Callback):
     def before_fit(self, learn):
         learn.metrics = self
         self.history, self.batch_losses, self._device, self._warned = [], [], None, False
-        if _several():
+        if several_processes():
             for m in self.metrics.values():
                 if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
         self._main = main_process(learn)  # only the main process prints
@@ -258,7 +258,7 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        if _several():  # once per phase: the loss sum and count, and each metric's state, over every process
+        if several_processes():  # once per phase: the loss sum and count, and each metric's state, over every process
             self.loss.all_reduce(_comm_device())
             row = {k: _value(_reduced(m)) for k, m in self.metrics.items()}
             row['loss'] = _value(self.loss.compute())
@@ -309,7 +309,6 @@ class MetricsCB(Callback):
         return [*self.all_metrics, 'epoch', 'train']
 
 
-def _several() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _comm_device() -> torch.device:

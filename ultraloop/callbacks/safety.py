@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from ..learner import Callback, CancelBatchException, CancelFitException, main_process
 from ..state import cpu_copy, epoch_ends
-from ..utils import check_int, check_number
-from .metrics import _comm_device, _metrics_cb, _several
+from ..utils import check_int, check_number, several_processes
+from .metrics import _comm_device, _metrics_cb
 
 __all__ = ['MonitorCB', 'EarlyStoppingCB', 'TerminateOnNaNCB']
 
@@ -138,7 +138,7 @@ class TerminateOnNaNCB(Callback):
 
     def before_fit(self, learn):
         self.skipped, self.stopped_at, self.message = 0, None, None
-        self._several, self._main = _several(), main_process(learn)
+        self._several, self._main = several_processes(), main_process(learn)
 
     def after_loss(self, learn):
         if not learn.training: return
