@@ -5,6 +5,7 @@ import torch
 
 from ..learner import Callback, _installed_hooks
 from ..utils import check_int
+from .schedule import _CYCLED
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
 
@@ -65,7 +66,7 @@ class CompileCB(Callback):
 # A callback whose after_step may run on the host after each replayed step (a schedule writing the lr) declares
 # `cuda_graph_host_after_step = True`.
 _STEP_EVENTS = ('after_predict', 'after_loss', 'after_backward', 'after_step')
-_CYCLED = ('momentum', 'betas')  # hyper-parameters a graph bakes in as constants: a change needs a new capture
+# a schedule's cycled hyper-parameters (_CYCLED) are baked into a graph as constants: a change needs a new capture
 
 
 class CudaGraphCB(Callback):
