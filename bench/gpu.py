@@ -5,6 +5,7 @@ Run on a machine with a CUDA GPU, one short call (a few minutes):
     python bench/gpu.py                          # bs 64 and 512, 60,000 train + 12,000 valid, 3 timed epochs each
     python bench/gpu.py --peers ../shared/bench/peers.py   # where the peer harness is not found on its own
     python bench/gpu.py --quick --device cpu     # a smoke test of every path on any machine (no figures)
+    python bench/gpu.py --profile DIR            # also profile a few steady-state steps of each side (tables + traces)
 Each line printed is one JSON record. Cases (all with TrainLearner + DeviceCB + MetricsCB(accuracy)):
 `ultraloop_host` (data on the host, copied per batch) against `hand_host`; against `hand` (data on the GPU, a
 hand-written loop summing accuracy and loss on the device): `ultraloop` (data on the GPU), `bf16` (+ MixedPrecisionCB),
@@ -35,7 +36,8 @@ from ultraloop.models import get_model  # noqa: E402
 
 LR = 0.05
 CASES = ('ultraloop_host', 'ultraloop', 'bf16', 'bf16_cl', 'compile', 'cudagraph', 'cudagraph_bf16_cl')
-PEERS = {'raw': None, 'ignite': 'ignite', 'lightning': 'pytorch_lightning', 'fastai': 'fastai'}  # name: module needed
+# peer: the module it needs
+PEERS = {'raw': None, 'seed': 'fastcore', 'ignite': 'ignite', 'lightning': 'pytorch_lightning', 'fastai': 'fastai'}
 
 
 def make_data(n: int, nv: int, seed: int = 0):
@@ -153,6 +155,43 @@ def interleaved(hand_epoch, learn, epochs: int, dev: torch.device, valid: bool =
     return statistics.median(th), statistics.median(tu), statistics.median(u / h for u, h in zip(tu, th))
 
 
+def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int = 30) -> None:
+    """torch.profiler over `steps` steady-state train steps of each side of `case` (hand or floor, then ultraloop), on a
+    slice of the data: a table of host time per operator, one of device time, and a Chrome trace of each side."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    n = steps * bs
+    small = (data[0][:n], data[1][:n], data[2][:bs * 4], data[3][:bs * 4])
+    graphed = case.startswith('cudagraph')
+    base = graph_floor(small, bs, dev, fast=case.endswith('bf16_cl')) if graphed else \
+        hand(small, bs, dev, host=case == 'ultraloop_host')
+    base()  # warm-up epoch
+    results = {}
+    with tprof(activities=acts) as p:
+        base(); sync(dev)
+    results['floor' if graphed else 'hand'] = p
+    learn, holder = ultraloop(small, bs, dev, case), {}
+
+    class Prof(U.Callback):  # the second epoch's train phase: after warm-up and capture
+        order = -10**9
+
+        def before_epoch(self, learn):
+            if learn.epoch == 1 and learn.training: sync(dev); holder['p'] = tprof(activities=acts).__enter__()
+
+        def cleanup_epoch(self, learn):
+            if learn.epoch == 1 and learn.training: sync(dev); holder['p'].__exit__(None, None, None)
+    learn.fit(2, cbs=[Prof()])
+    results['ultraloop'] = holder['p']
+    with open(out / 'profiles.txt', 'a') as f:
+        for side, p in results.items():
+            ka = p.key_averages()
+            f.write(f'\n===== {case} bs {bs}: {side}, {steps} train steps =====\n')
+            f.write(ka.table(sort_by='self_cpu_time_total', row_limit=30))
+            if dev.type == 'cuda': f.write(ka.table(sort_by='self_device_time_total', row_limit=20))
+            p.export_chrome_trace(str(out / f'trace_{case}_bs{bs}_{side}.json'))
+
+
 def find_peers(arg: str | None) -> Path | None:
     cands = [arg, os.environ.get('ULTRALOOP_PEERS'), ROOT.parent / 'shared/bench/peers.py', ROOT / 'shared/bench/peers.py']
     return next((Path(c) for c in cands if c and Path(c).is_file()), None)
@@ -185,6 +224,8 @@ def main(argv=None):
     p.add_argument('--peers', default=None, help="path to the peer harness peers.py, or 'none'")
     p.add_argument('--peer-timeout', type=int, default=150)
     p.add_argument('--quick', action='store_true', help='tiny data, one timed epoch: checks that every path runs')
+    p.add_argument('--profile', default=None, help='folder: profile a few steps of ultraloop, cudagraph (bs 64 first)')
+    p.add_argument('--profile-cases', default='ultraloop,cudagraph')
     a = p.parse_args(argv)
     if a.quick: a.n, a.epochs = 1280, 1
     dev = torch.device(a.device)
@@ -217,6 +258,12 @@ def main(argv=None):
                       'ultraloop_us_per_step': round(tg / -(-a.n // bs) * 1e6, 1),
                       'median_ratio_per_step': round(r * nt / -(-a.n // bs), 3),  # the floor drops the last batch
                       'graph_replays': cg.replays, 'eager_because': cg.reason})
+        if a.profile:
+            out = Path(a.profile); out.mkdir(parents=True, exist_ok=True)
+            for case in a.profile_cases.split(','):
+                if case.startswith('cudagraph') and not cuda: continue
+                profile(data, bs, dev, case, out)
+            emit({'profiled': a.profile_cases, 'bs': bs, 'to': str(out)})
         run_peers(peers, a, bs, emit)
 
 
