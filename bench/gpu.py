@@ -7,7 +7,8 @@ Run on a machine with a CUDA GPU, one short call (a few minutes):
     python bench/gpu.py --quick --device cpu     # a smoke test of every path on any machine (no figures)
     python bench/gpu.py --profile DIR            # also profile a few steady-state steps of each side (tables + traces)
 Each line printed is one JSON record. Cases (all with TrainLearner + DeviceCB + MetricsCB(accuracy)):
-`ultraloop_host` (data on the host, copied per batch) against `hand_host`; against `hand` (data on the GPU, a
+`ultraloop_host` (data on the host, copied per batch through reused pinned buffers; `_alloc`: pinning each batch anew;
+`_sync`: DeviceCB(prefetch=False)) against `hand_host`; against `hand` (data on the GPU, a
 hand-written loop summing accuracy and loss on the device): `ultraloop` (data on the GPU), `bf16` (+ MixedPrecisionCB),
 `bf16_cl` (+ ChannelsLastCB), `compile` (+ CompileCB), `cudagraph` (+ CudaGraphCB), `cudagraph_bf16_cl`. `floor`:
 the train step captured whole in one CUDA graph by hand (as graph_floor.py), against CudaGraphCB, train phase only.
@@ -32,10 +33,12 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import ultraloop as U  # noqa: E402
+from ultraloop.callbacks.core import _Prefetch  # noqa: E402
 from ultraloop.models import get_model  # noqa: E402
 
 LR = 0.05
-CASES = ('ultraloop_host', 'ultraloop', 'bf16', 'bf16_cl', 'compile', 'cudagraph', 'cudagraph_bf16_cl')
+CASES = ('ultraloop_host', 'ultraloop_host_alloc', 'ultraloop_host_sync', 'ultraloop', 'bf16', 'bf16_cl', 'compile', 'cudagraph',
+         'cudagraph_bf16_cl')
 # peer: the module it needs
 PEERS = {'raw': None, 'seed': 'fastcore', 'ignite': 'ignite', 'lightning': 'pytorch_lightning', 'fastai': 'fastai'}
 
@@ -86,7 +89,8 @@ class QuietMetricsCB(U.MetricsCB):
 def ultraloop(data, bs: int, dev: torch.device, case: str):
     import torchmetrics
     torch.manual_seed(0)
-    host = case == 'ultraloop_host'
+    host = case.startswith('ultraloop_host')
+    _Prefetch.reuse_pinned = case != 'ultraloop_host_alloc'  # the learner's fit runs next: it reads this then
     dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
     extra = {'bf16': [U.MixedPrecisionCB(torch.bfloat16)],
              'bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16)],
@@ -95,7 +99,7 @@ def ultraloop(data, bs: int, dev: torch.device, case: str):
              'cudagraph_bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16), U.CudaGraphCB()]}.get(case, [])
     acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average='micro')
     learn = U.TrainLearner(get_model(), dls, loss_func=F.cross_entropy, lr=LR,
-                           cbs=[U.DeviceCB(dev), QuietMetricsCB(accuracy=acc), *extra])
+                           cbs=[U.DeviceCB(dev, prefetch=case != 'ultraloop_host_sync'), QuietMetricsCB(accuracy=acc), *extra])
     return learn
 
 
@@ -124,7 +128,7 @@ def graph_floor(data, bs: int, dev: torch.device, fast: bool):
     nb = len(x) // bs
 
     def epoch():
-        idx = torch.randperm(len(x), device=dev)
+        idx = torch.randperm(len(x)).to(dev)  # drawn on the host, as the loaders do
         for i in range(nb):
             j = idx[i * bs:(i + 1) * bs]
             sx.copy_(x[j]); sy.copy_(y[j])
@@ -152,7 +156,8 @@ def interleaved(hand_epoch, learn, epochs: int, dev: torch.device, valid: bool =
 
     learn.fit(epochs + 1, valid=valid, cbs=[Clock()])  # the first epoch of each side is the warm-up
     th, tu = th[1:], tu[1:]
-    return statistics.median(th), statistics.median(tu), statistics.median(u / h for u, h in zip(tu, th))
+    rs = [u / h for u, h in zip(tu, th)]
+    return statistics.median(th), statistics.median(tu), statistics.median(rs), [round(min(rs), 3), round(max(rs), 3)]
 
 
 def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int = 30) -> None:
@@ -165,7 +170,7 @@ def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int =
     small = (data[0][:n], data[1][:n], data[2][:bs * 4], data[3][:bs * 4])
     graphed = case.startswith('cudagraph')
     base = graph_floor(small, bs, dev, fast=case.endswith('bf16_cl')) if graphed else \
-        hand(small, bs, dev, host=case == 'ultraloop_host')
+        hand(small, bs, dev, host=case.startswith('ultraloop_host'))
     base()  # warm-up epoch
     results = {}
     with tprof(activities=acts) as p:
@@ -225,7 +230,8 @@ def main(argv=None):
     p.add_argument('--peer-timeout', type=int, default=150)
     p.add_argument('--quick', action='store_true', help='tiny data, one timed epoch: checks that every path runs')
     p.add_argument('--profile', default=None, help='folder: profile a few steps of ultraloop, cudagraph (bs 64 first)')
-    p.add_argument('--profile-cases', default='ultraloop,cudagraph')
+    p.add_argument('--profile-cases', default='ultraloop_host,ultraloop_host_alloc,ultraloop_host_sync,ultraloop,cudagraph')
+    p.add_argument('--profile-bs', type=int, default=64)
     a = p.parse_args(argv)
     if a.quick: a.n, a.epochs = 1280, 1
     dev = torch.device(a.device)
@@ -242,29 +248,31 @@ def main(argv=None):
             if case == 'compile' and not cuda and not a.quick:
                 emit({'case': case, 'bs': bs, 'skipped': 'CompileCB on the CPU: run with --quick or on a GPU'}); continue
             learn = ultraloop(data, bs, dev, case)
-            base = 'hand_host' if case == 'ultraloop_host' else 'hand'
-            th, tu, r = interleaved(hand(data, bs, dev, host=base == 'hand_host'), learn, a.epochs, dev)
+            base = 'hand_host' if case.startswith('ultraloop_host') else 'hand'
+            th, tu, r, spread = interleaved(hand(data, bs, dev, host=base == 'hand_host'), learn, a.epochs, dev)
             rec = {'case': case, 'bs': bs, 'baseline': base, f'{base}_us_per_batch': round(th / nb * 1e6, 1),
-                   'ultraloop_us_per_batch': round(tu / nb * 1e6, 1), 'median_ratio': round(r, 3)}
+                   'ultraloop_us_per_batch': round(tu / nb * 1e6, 1), 'median_ratio': round(r, 3), 'ratio_range': spread}
             cg = next((cb for cb in learn.cbs if isinstance(cb, U.CudaGraphCB)), None)
             if cg is not None: rec.update(graph_replays=cg.replays, eager_because=cg.reason)
             emit(rec)
             if cg is not None:  # against the floor: train phase only, as graph_floor.py measures it
                 if not cuda: emit({'case': f'{case}_vs_floor', 'bs': bs, 'skipped': 'the floor needs CUDA'}); continue
                 nt = a.n // bs
-                tf, tg, r = interleaved(graph_floor(data, bs, dev, fast=case.endswith('bf16_cl')), learn, a.epochs, dev,
+                tf, tg, r, spread = interleaved(graph_floor(data, bs, dev, fast=case.endswith('bf16_cl')), learn, a.epochs, dev,
                                         valid=False)
                 emit({'case': f'{case}_vs_floor', 'bs': bs, 'floor_us_per_step': round(tf / nt * 1e6, 1),
                       'ultraloop_us_per_step': round(tg / -(-a.n // bs) * 1e6, 1),
                       'median_ratio_per_step': round(r * nt / -(-a.n // bs), 3),  # the floor drops the last batch
+                      'ratio_range_per_step': [round(x * nt / -(-a.n // bs), 3) for x in spread],
                       'graph_replays': cg.replays, 'eager_because': cg.reason})
-        if a.profile:
-            out = Path(a.profile); out.mkdir(parents=True, exist_ok=True)
-            for case in a.profile_cases.split(','):
-                if case.startswith('cudagraph') and not cuda: continue
-                profile(data, bs, dev, case, out)
-            emit({'profiled': a.profile_cases, 'bs': bs, 'to': str(out)})
         run_peers(peers, a, bs, emit)
+    if a.profile:  # last: the figures above are printed whatever happens here
+        out = Path(a.profile); out.mkdir(parents=True, exist_ok=True)
+        for case in a.profile_cases.split(','):
+            if case.startswith('cudagraph') and not cuda: continue
+            try: profile(data, a.profile_bs, dev, case, out)
+            except Exception as e: emit({'profile': case, 'failed': f'{type(e).__name__}: {e}'[:300]}); break
+        emit({'profiled': a.profile_cases, 'bs': a.profile_bs, 'to': str(out)})
 
 
 if __name__ == '__main__':

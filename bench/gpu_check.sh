@@ -6,7 +6,8 @@
 #     OUT     folder for the logs, the benchmark's JSON lines, profiles.txt and the Chrome traces (traces.tgz)
 #     STAGES  any of: tests bench suite dist (default: tests bench suite)
 #     N       train samples for the benchmark (default 60000; valid is N / 5)
-# Uses $PYTHON (default python3) with ultraloop importable (run from the project root: it puts the root on PYTHONPATH).
+# Uses $PYTHON (default python3); puts the project root on PYTHONPATH. $BENCH_ARGS: more options for bench/gpu.py;
+# $T_TESTS, $T_BENCH, $T_SUITE: each stage's time limit in seconds (180, 420, 300).
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUT [STAGES] [N]}; stages=${2:-tests bench suite}; n=${3:-60000}
 py=${PYTHON:-python3}
@@ -21,11 +22,11 @@ for stage in $stages; do
   case $stage in
     tests)  # the cases that skip on a machine without CUDA (and the CPU ones whose names say cuda or gpu)
       stamp "GPU tests"
-      timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs -k 'cuda or gpu or host_sync' tests 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
+      timeout "${T_TESTS:-180}" "$py" -m pytest -q -p no:cacheprovider -rs -k 'cuda or gpu or host_sync' tests 2>&1 | tee "$out/gpu_tests.log" | tail -25 ;;
     bench)
       stamp "bench/gpu.py"
       rm -rf "$out/prof"
-      timeout 420 "$py" bench/gpu.py --n "$n" --profile "$out/prof" 2>&1 | tee "$out/bench.jsonl" | grep -v '^USDT'
+      timeout "${T_BENCH:-420}" "$py" bench/gpu.py --n "$n" --profile "$out/prof" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.jsonl" | grep -v '^USDT'
       [ -f "$out/prof/profiles.txt" ] && mv "$out/prof/profiles.txt" "$out/" && (cd "$out/prof" && tar czf ../traces.tgz ./*.json) && rm -rf "$out/prof" ;;
     dist)
       stamp "bench/distributed.py"
@@ -33,7 +34,7 @@ for stage in $stages; do
     suite)  # the whole suite, with the GPU visible, spread over the cores (pytest-xdist) where it is installed
       stamp "whole suite"
       x=(); "$py" -c 'import xdist' 2>/dev/null && x=(-n 8)
-      timeout 300 "$py" -m pytest -q -p no:cacheprovider -rfEs "${x[@]}" tests 2>&1 | tee "$out/suite.log" | tail -30 ;;
+      timeout "${T_SUITE:-300}" "$py" -m pytest -q -p no:cacheprovider -rfEs "${x[@]}" tests 2>&1 | tee "$out/suite.log" | tail -30 ;;
     *) echo "gpu_check.sh: unknown stage '$stage'; use tests, bench, suite or dist"; exit 2 ;;
   esac
 done

@@ -292,9 +292,11 @@ def test_a_host_sync_in_the_step_falls_back_with_the_same_results(capsys):
         loss.item()  # a host sync: not allowed while capturing
         return loss
 
-    def run(cbs):
+    def run(cbs):  # dropout on the GPU: the eager steps after the failed capture draw from the CUDA generator
         dls = DataLoaders.from_tensors(*toy_data(200, 40), bs=16, shuffle=False)
-        learn = Learner(toy_model(), dls, syncing_loss, lr=0.1, cbs=[TrainCB(), DeviceCB('cuda'), *cbs])
+        model = nn.Sequential(toy_model(), nn.Dropout(0.2))
+        torch.cuda.manual_seed(0)
+        learn = Learner(model, dls, syncing_loss, lr=0.1, cbs=[TrainCB(), DeviceCB('cuda'), *cbs])
         learn.fit(1)
         return [p.detach().cpu() for p in learn.model.parameters()]
     cb = CudaGraphCB()
@@ -343,6 +345,21 @@ def test_prefetching_to_the_gpu_trains_like_copying_in_before_batch():
     assert_same(ps, ref)
     assert all(seen) and len(seen) == 2 * (5 + 3)
     assert learn.dl is learn.dls.valid  # the loader is handed back after each phase
+
+
+@cuda
+@pytest.mark.parametrize('reuse', [True, False])
+def test_prefetch_hands_out_each_batch_intact_while_the_gpu_is_busy(reuse, monkeypatch):
+    from ultraloop.callbacks.core import _Prefetch
+    monkeypatch.setattr(_Prefetch, 'reuse_pinned', reuse)
+    host = [[torch.full((256, 256), float(10 * i + k)) for k in range(5)] for i in range(12)]  # 5 of one shape per batch
+    busy = torch.randn(2048, 2048, device='cuda')
+    got = []
+    for b in _Prefetch(host, torch.device('cuda')):
+        for _ in range(20): busy = busy @ busy / busy.norm()  # the step: keeps the GPU behind the host
+        got.append([t.clone() for t in b])
+    assert all(t.is_cuda for b in got for t in b)
+    assert [[t.unique().item() for t in b] for b in got] == [[10.0 * i + k for k in range(5)] for i in range(12)]
 
 
 # ---- AccelerateCB ---------------------------------------------------------------------------------------------------

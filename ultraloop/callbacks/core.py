@@ -44,13 +44,17 @@ _END = object()
 
 
 class _Prefetch:
-    """Iterates loader `dl` one batch ahead for a CUDA `device`: each batch is pinned and copied with non_blocking=True
-    on a side stream, issued before the current batch is handed out, so the copy runs during the current step.
-    Yields lists; len() and other attributes (`order`, `state_dict`, ...) are those of `dl`."""
+    """Iterates loader `dl` one batch ahead for a CUDA `device`: each batch's host tensors are copied into pinned
+    buffers reused from batch to batch, then to the device with non_blocking=True on a side stream, issued before the
+    current batch is handed out, so the copy runs during the current step. Yields lists; len() and other attributes
+    (`order`, `state_dict`, ...) are those of `dl`."""
+    ring = 3  # pinned buffers per batch shape: one being filled, and the copies of up to two batches still running
+    reuse_pinned = True  # False: pin each batch anew (tensor.pin_memory()), for the benchmark's comparison
 
     def __init__(self, dl, device: torch.device):
         self.dl, self.device = dl, device
         self.stream = torch.cuda.Stream(device) if device.type == 'cuda' else None  # None: plain copies (CPU tests)
+        self._pinned: dict = {}  # (shape, dtype) -> [next slot, [(pinned buffer, event of the copy that reads it)]]
 
     def __len__(self) -> int: return len(self.dl)
 
@@ -78,9 +82,31 @@ class _Prefetch:
         if b is _END: return _END
         b = list(b) if isinstance(b, (list, tuple)) else b  # dicts and tensors pass to the loop's own batch check
         if self.stream is None: return to_device(b, self.device)
-        if isinstance(b, list): b = [t.pin_memory() if isinstance(t, torch.Tensor) and not t.is_cuda and not t.is_pinned()
-                                     else t for t in b]  # a host copy, made while the GPU runs the current step
-        with torch.cuda.stream(self.stream): return to_device(b, self.device, non_blocking=True)
+        if not isinstance(b, list):
+            with torch.cuda.stream(self.stream): return to_device(b, self.device, non_blocking=True)
+        used, out = [], []
+        with torch.cuda.stream(self.stream):
+            for t in b:
+                if isinstance(t, torch.Tensor) and not t.is_cuda:
+                    if self.reuse_pinned: t = self._pin(t, used)
+                    elif not t.is_pinned(): t = t.pin_memory()
+                    t = t.to(self.device, non_blocking=True)
+                out.append(t)
+            for ev in used: ev.record(self.stream)  # the pinned buffers may be filled again once their copies are done
+        return out
+
+    def _pin(self, t: torch.Tensor, used: list) -> torch.Tensor:
+        """`t` copied into the next pinned buffer of its shape, once the copy that last read that buffer is done."""
+        def slot(): return torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event()
+        slots = self._pinned.get((t.shape, t.dtype))
+        if slots is None: slots = self._pinned[(t.shape, t.dtype)] = [0, [slot() for _ in range(self.ring)]]
+        i, ring = slots
+        if any(ring[i][1] is ev for ev in used): ring.insert(i, slot())  # this batch has more tensors of the shape
+        buf, ev = ring[i]
+        slots[0] = (i + 1) % len(ring)
+        ev.synchronize()  # returns at once unless that copy, two batches back, still runs (an unrecorded event: at once)
+        used.append(ev)
+        return buf.copy_(t)
 
 
 class DeviceCB(Callback):

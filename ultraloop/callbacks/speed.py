@@ -116,6 +116,7 @@ class CudaGraphCB(Callback):
         if self.reason is not None: return self._eager(learn)
         if self._warm < self.warmup:  # eager, on the side stream the graph will be captured on
             self._warm += 1
+            learn.preds = learn.loss = None  # the last step's autograd graph, made on another stream, is let go
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream): self._eager(learn)
             return torch.cuda.current_stream().wait_stream(self._stream)
@@ -148,12 +149,14 @@ class CudaGraphCB(Callback):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
         learn.batch, graph, main = self._static, torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+        learn.preds = learn.loss = None
         table = learn._handlers  # host after_step handlers run after each replay, so not inside the recorded step
         learn._handlers = {**table, 'after_step': tuple(f for f in table['after_step'] if f not in self._host)}
         try:
             with torch.cuda.graph(graph, stream=self._stream): self._eager(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
             torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
+            _end_rng_capture(b[0].device)
             learn.batch = b
             msg = str(e).strip().splitlines()
             return self._give_up(f'capture failed ({type(e).__name__}: {msg[0][:120] if msg else ""})')
@@ -167,6 +170,14 @@ class CudaGraphCB(Callback):
         self.reason, self.graph = reason, None
         if self._main: print(f'CudaGraphCB: {reason}; training eagerly from here')
         return False
+
+
+def _end_rng_capture(device) -> None:
+    """A failed capture ends without closing the CUDA generator's capture mode, so the next random op outside a graph
+    (dropout in the eager step that follows) raises 'Offset increment outside graph capture'. One small capture that
+    completes closes it; the eager random stream is not advanced by either capture."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=torch.cuda.Stream()): torch.zeros(1, device=device)
 
 
 def _baked(opt, lr_on_device: bool) -> list:
