@@ -1,8 +1,19 @@
 """Shared test helpers: tiny learnable data and models, made in the test, no downloads; bitwise comparison."""
+import os
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+
+def cpu_child_env(*paths, **extra) -> dict:
+    """The environment for a child process of a CPU test: `paths` ahead of the inherited PYTHONPATH, and no GPU in
+    sight (on a machine with one, a forked child could not use CUDA once its parent had, and two ranks on one GPU
+    would pick nccl)."""
+    inherited = [q for q in os.environ.get('PYTHONPATH', '').split(os.pathsep) if q]
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join([*map(str, paths), *inherited]), 'CUDA_VISIBLE_DEVICES': '',
+            **extra}
 
 
 def toy_data(n_train=64, n_valid=32, n_in=8, n_out=3, seed=0):

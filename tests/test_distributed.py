@@ -5,7 +5,6 @@ whose scenarios write what they saw as JSON; the tests compare it with the same 
 - two "machines" on loopback: two `torchrun --nnodes 2 --node-rank 0|1` processes, then a rank raising mid-epoch.
 The launches start together, once per module: every process spends seconds importing torch, so there are only two."""
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import dist_child as child
+from conftest import cpu_child_env
 import pytest
 import torch
 import torch.distributed as dist
@@ -36,8 +36,8 @@ def free_port() -> int:
 
 
 def env(tmp: Path) -> dict:
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(CHILD.parent)]), MASTER_ADDR='127.0.0.1',
-             OMP_NUM_THREADS='1', HF_HOME=str(tmp / 'hf'), MPLBACKEND='Agg')
+    e = cpu_child_env(ROOT, CHILD.parent, MASTER_ADDR='127.0.0.1', OMP_NUM_THREADS='1', HF_HOME=str(tmp / 'hf'),
+                      MPLBACKEND='Agg')
     if sys.platform == 'linux': e.setdefault('GLOO_SOCKET_IFNAME', 'lo')  # gloo's own connections on loopback too
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT'): e.pop(k, None)
     return e

@@ -1,7 +1,6 @@
 """Kill and resume for real: runs SIGKILLed mid-epoch (or inside a checkpoint write) in child processes, resumed in a
 fresh process, end bitwise equal to the same runs never interrupted (weights, optimiser, metric history, lrs)."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import resume_child  # noqa: E402
-from conftest import assert_same  # noqa: E402
+from conftest import assert_same, cpu_child_env  # noqa: E402
 
 # Train batches per epoch: 11 (64 samples, bs 6). A checkpoint's name says where a resume from it goes on.
 CONFIGS = {
@@ -35,7 +34,7 @@ CONFIGS = {
 
 def run_child(*args):
     r = subprocess.run([sys.executable, str(HERE / 'resume_child.py'), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, 'PYTHONPATH': str(ROOT)}, timeout=300)
+                       cwd=ROOT, env=cpu_child_env(ROOT), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

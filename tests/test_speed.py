@@ -317,12 +317,13 @@ class Pulls:
             yield torch.full((2,), float(i)), torch.tensor([i])
 
 
-def test_prefetch_hands_out_each_batch_as_a_list_with_the_next_one_already_taken():
+def test_prefetch_hands_out_each_batch_as_a_list_taken_only_when_the_loop_asks():
+    # nothing is read ahead, so the loader's position (its state_dict, in a checkpoint) is the loop's
     from ultraloop.callbacks.core import _Prefetch
     dl = Pulls(4)
     pf = _Prefetch(dl, torch.device('cpu'))
     seen = [(b[0][0].item(), dl.pulled, type(b)) for b in pf]
-    assert seen == [(0.0, 2, list), (1.0, 3, list), (2.0, 4, list), (3.0, 4, list)]
+    assert seen == [(0.0, 1, list), (1.0, 2, list), (2.0, 3, list), (3.0, 4, list)]
     assert len(pf) == 4 and pf.n == 4  # the loader's own attributes read through
 
 

@@ -27,8 +27,9 @@ class AccelerateCB(TrainCB):
     accelerate (`learn.model` is then that wrapper; `self.acc.unwrap_model(learn.model)` is yours), every rank starts
     from rank 0's weights, and each phase's loader is cut into this process's share by ultraloop (not by accelerate), so
     MetricsCB's numbers are exact over all processes: both phases get even shards (the DDP wrapper runs every forward,
-    and its first one in a phase may sync buffers), and the repeated samples are not counted. Batches are moved to
-    `self.acc.device`; `learn.sync_grads` reaches DDP before each forward (one all-reduce per accumulated step)."""
+    and its first one in a phase may sync buffers), and the repeated samples are not counted. In one process or several,
+    batches are moved to `self.acc.device` (the GPU where there is one) before the step; `learn.sync_grads` reaches DDP
+    before each forward (one all-reduce per accumulated step)."""
 
     def __init__(self, n_inp: int = 1, mixed_precision: str = 'fp16', **accelerator_kwargs):
         if isinstance(n_inp, str):
@@ -61,13 +62,13 @@ class AccelerateCB(TrainCB):
             self._prepared.append(new)
 
     def before_epoch(self, learn):
-        if not self._several: return
-        self._shards.before_epoch(learn)
+        # batches go to accelerate's device: its prepared torch DataLoaders hand them out there already (no copy then),
+        # other loaders (a TensorLoader, or each process's share) do not
         self._move = self.acc.device.type != 'cpu'
-        self._ddp = isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
+        self._ddp = self._several and isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
+        if self._several: self._shards.before_epoch(learn)
 
     def before_batch(self, learn):
-        if not self._several: return
         if self._move: learn.batch = to_device(learn.batch, self.acc.device, non_blocking=True)
         if self._ddp and learn.training: learn.model.require_backward_grad_sync = learn.sync_grads
 

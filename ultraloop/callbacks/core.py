@@ -44,10 +44,11 @@ _END = object()
 
 
 class _Prefetch:
-    """Iterates loader `dl` one batch ahead for a CUDA `device`: each batch's host tensors are copied into pinned
-    buffers reused from batch to batch, then to the device with non_blocking=True on a side stream, issued before the
-    current batch is handed out, so the copy runs during the current step. Yields lists; len() and other attributes
-    (`order`, `state_dict`, ...) are those of `dl`."""
+    """Iterates loader `dl` for a CUDA `device`: each batch's host tensors are copied into pinned buffers reused from
+    batch to batch, then to the device with non_blocking=True on a side stream, so the copy runs while the GPU still
+    works on the previous step. A batch is taken from `dl` only when the loop asks for it, so the loader's own position
+    (its `state_dict()`, for a checkpoint) is always the loop's. Yields lists; len() and other attributes (`order`,
+    `state_dict`, ...) are those of `dl`."""
     ring = 3  # pinned buffers per batch shape: one being filled, and the copies of up to two batches still running
     reuse_pinned = True  # False: pin each batch anew (tensor.pin_memory()), for the benchmark's comparison
 
@@ -66,26 +67,23 @@ class _Prefetch:
         return self._batches(iter(self.dl))  # the loader's iterator is made now, as iterating the loader itself would
 
     def _batches(self, it):
-        nxt = self._load(it)
-        while nxt is not _END:
-            if self.stream is not None:
-                main = torch.cuda.current_stream(self.device)
-                main.wait_stream(self.stream)  # the step reads the batch only once its copy is done
-                for t in (nxt.values() if isinstance(nxt, Mapping) else nxt if isinstance(nxt, list) else (nxt,)):
-                    # its memory must not be reused while the step on the main stream may still read it
-                    if isinstance(t, torch.Tensor) and t.is_cuda: t.record_stream(main)
-            cur, nxt = nxt, self._load(it)
-            yield cur
+        for b in it:
+            b = list(b) if isinstance(b, (list, tuple)) else b  # dicts and tensors pass to the loop's own batch check
+            if self.stream is None:
+                yield to_device(b, self.device)
+                continue
+            b = self._copy(b)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(self.stream)  # the step reads the batch only once its copy is done
+            for t in (b.values() if isinstance(b, Mapping) else b if isinstance(b, list) else (b,)):
+                # its memory must not be reused while the step on the main stream may still read it
+                if isinstance(t, torch.Tensor) and t.is_cuda: t.record_stream(main)
+            yield b
 
-    def _load(self, it):
-        b = next(it, _END)
-        if b is _END: return _END
-        b = list(b) if isinstance(b, (list, tuple)) else b  # dicts and tensors pass to the loop's own batch check
-        if self.stream is None: return to_device(b, self.device)
-        if not isinstance(b, list):
-            with torch.cuda.stream(self.stream): return to_device(b, self.device, non_blocking=True)
-        used, out = [], []
+    def _copy(self, b):
         with torch.cuda.stream(self.stream):
+            if not isinstance(b, list): return to_device(b, self.device, non_blocking=True)
+            used, out = [], []
             for t in b:
                 if isinstance(t, torch.Tensor) and not t.is_cuda:
                     if self.reuse_pinned: t = self._pin(t, used)
@@ -93,7 +91,7 @@ class _Prefetch:
                     t = t.to(self.device, non_blocking=True)
                 out.append(t)
             for ev in used: ev.record(self.stream)  # the pinned buffers may be filled again once their copies are done
-        return out
+            return out
 
     def _pin(self, t: torch.Tensor, used: list) -> torch.Tensor:
         """`t` copied into the next pinned buffer of its shape, once the copy that last read that buffer is done."""
@@ -104,16 +102,16 @@ class _Prefetch:
         if any(ring[i][1] is ev for ev in used): ring.insert(i, slot())  # this batch has more tensors of the shape
         buf, ev = ring[i]
         slots[0] = (i + 1) % len(ring)
-        ev.synchronize()  # returns at once unless that copy, two batches back, still runs (an unrecorded event: at once)
+        ev.synchronize()  # returns at once unless that copy, `ring` batches back, still runs (an unrecorded event: at once)
         used.append(ev)
         return buf.copy_(t)
 
 
 class DeviceCB(Callback):
     """Moves the model to `device` before fit and each batch there before the step (a list, so callbacks may
-    assign `learn.batch[0]`). On CUDA, batches are pinned and copied with non_blocking=True on a side stream, one
-    batch ahead, so the next batch's copy overlaps the current step (`prefetch=False`: copy each batch in
-    before_batch). A loader whose tensors already live on the device is left alone (no per-batch work)."""
+    assign `learn.batch[0]`). On CUDA, each batch goes through reused pinned buffers and is copied with
+    non_blocking=True on a side stream, so its copy overlaps the step the GPU is still running (`prefetch=False`: a plain
+    copy in before_batch). A loader whose tensors already live on the device is left alone (no per-batch work)."""
     def __init__(self, device=def_device, prefetch: bool = True):
         self.device, self.prefetch, self._resident, self._dl = torch.device(device), prefetch, False, None
 
