@@ -335,6 +335,13 @@ def one_process_group(monkeypatch):
     dist.destroy_process_group()
 
 
+def test_a_gloo_group_trains_on_the_cpu_where_cuda_is_available_too(one_process_group, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # a GPU machine, as DistributedCB sees it
+    learn = child.learner(32, cbs=[dcb := DistributedCB()])
+    with child.captured(): learn.fit(1)
+    assert dcb.device == torch.device('cpu') and all(p.device.type == 'cpu' for p in learn.model.parameters())
+
+
 class PhaseModes(child.Callback):
     """What DistributedCB's wrapper and the user's module look like in each phase."""
     order = 100

@@ -159,7 +159,7 @@ def fresh_accelerate():
 
 def test_accelerate_cb_takes_n_inp_first(fresh_accelerate):
     d, _, _ = two_input_data()
-    learn = Learner(TwoInputs(), d, weighted_ce, cbs=[cb := AccelerateCB(n_inp=2, mixed_precision='no')])
+    learn = Learner(TwoInputs(), d, weighted_ce, cbs=[cb := AccelerateCB(n_inp=2, mixed_precision='no', cpu=True)])
     learn.fit(2)
     assert_same(params(learn.model), hand_two_inputs())
     assert repr(cb) == "AccelerateCB(n_inp=2, mixed_precision='no')"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import TensorLoader, shard
+from ..data import TensorLoader, shard, to_device
 from ..learner import Callback
 from ..utils import check_number
 
@@ -59,7 +59,8 @@ class DistributedCB(Callback):
     - The process group: made at fit start from torchrun's environment (`backend`: nccl on CUDA, else gloo) unless one
       exists, with `timeout` (seconds) on every collective; destroyed at the fit's end when it was made here. Each group
       gets its own prefix of one rendezvous store, so fit after fit sets up cleanly. The device is `cuda:LOCAL_RANK`
-      on CUDA (DeviceCB('cuda') then means that one), else the CPU; the model is moved there.
+      with an nccl group (DeviceCB('cuda') then means that one), else the CPU; the model and each batch are moved
+      there.
     - `strategy='ddp'`: `DistributedDataParallel` averages the gradients. `learn.model` stays your module (state dicts
       carry no `module.` prefix; hooks, callbacks and checkpoints see your module); for the fit, its forward runs through
       the DDP wrapper (`self.wrapper`) in training phases, and plainly in validation, which runs no collective, so
@@ -104,7 +105,7 @@ class DistributedCB(Callback):
 
     # ---- fit: group, device, wrapper ----------------------------------------------------------------------------
     def before_fit(self, learn):
-        self._on, self._made_group, self._routed, self._shards = False, False, False, None
+        self._on, self._made_group, self._routed, self._shards, self._move = False, False, False, None, False
         if not dist.is_initialized():
             if not launched(): return  # one process: nothing to do
             if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
@@ -112,9 +113,10 @@ class DistributedCB(Callback):
             self._made_group = True
         self._on = True
         self.device = torch.device('cpu')
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and 'nccl' in str(dist.get_backend()):  # a gloo group trains on the CPU
             self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', torch.cuda.current_device())))
             torch.cuda.set_device(self.device)
+        self._move = self.device.type == 'cuda'
         m = learn.model
         m.to(self.device)
         # FSDP gathers parameters in every forward, so its validation shards need equal batch counts too
@@ -190,7 +192,9 @@ class DistributedCB(Callback):
         if self._on and self.strategy == 'fsdp': _reshard(self.wrapper)
 
     def before_batch(self, learn):
-        if not self._on or not learn.training: return
+        if not self._on: return
+        if self._move: learn.batch = to_device(learn.batch, self.device, non_blocking=True)  # no copy if already there
+        if not learn.training: return
         s = learn.sync_grads
         if s is not self._sync:  # decided before the forward: DDP prepares its reduction there
             if self.strategy == 'ddp': self.wrapper.require_backward_grad_sync = s
