@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..learner import Callback, _installed_hooks
-from ..utils import check_int
+from ..utils import check_int, map_tensors
 from .schedule import _CYCLED
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
@@ -161,8 +161,10 @@ class CudaGraphCB(Callback):
             msg = str(e).strip().splitlines()
             return self._give_up(f'capture failed ({type(e).__name__}: {msg[0][:120] if msg else ""})')
         finally: learn._handlers = table
-        # outputs live in the graph's memory and are overwritten by the next replay
-        self.graph, self._preds, self._loss = graph, learn.preds, learn.loss
+        # outputs live in the graph's memory and are overwritten by the next replay; detached, they let go of the
+        # capture's autograd graph, whose gradient nodes would otherwise meet the eager steps on another stream
+        self.graph = graph
+        self._preds, self._loss = map_tensors(torch.Tensor.detach, learn.preds), learn.loss.detach()
         self._baked = _baked(learn.opt, self._lr_tensors)
         return True
 
