@@ -138,9 +138,10 @@ def test_bad_arguments_and_missing_files_one_line_no_traceback(tmp_path, cli, ca
                         r'put the four IDX files .* in .*/FashionMNIST/raw/ \(run with --debug for the traceback\)', last[0])
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, cli):
+    # in this process: `python -m ultraloop` itself is run by the terminal test below, the console script by the one above
     out = tmp_path / 'demo'
-    r = run_cli('demo', '--epochs', '1', '--out', out)
+    r = cli('demo', '--epochs', '1', '--out', out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'data: digits (1,438 train, 359 valid, (1, 8, 8)), model: cnn' in r.stdout
     assert re.search(r'^suggested lr: \d', r.stdout, re.M)  # seeded: the digits show a clear descent
