@@ -40,9 +40,6 @@ class TrainCB(Callback):
     def zero_grad(self, learn): learn.opt.zero_grad()
 
 
-_END = object()
-
-
 class _Prefetch:
     """Iterates loader `dl` for a CUDA `device`: each batch's host tensors are copied into pinned buffers reused from
     batch to batch, then to the device with non_blocking=True on a side stream, so the copy runs while the GPU still
@@ -95,16 +92,21 @@ class _Prefetch:
 
     def _pin(self, t: torch.Tensor, used: list) -> torch.Tensor:
         """`t` copied into the next pinned buffer of its shape, once the copy that last read that buffer is done."""
-        def slot(): return torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event()
-        slots = self._pinned.get((t.shape, t.dtype))
-        if slots is None: slots = self._pinned[(t.shape, t.dtype)] = [0, [slot() for _ in range(self.ring)]]
+        key = (t.shape, t.dtype)
+        slots = self._pinned.get(key)
+        if slots is None: slots = self._pinned[key] = [0, [_pinned_slot(t) for _ in range(self.ring)]]
         i, ring = slots
-        if any(ring[i][1] is ev for ev in used): ring.insert(i, slot())  # this batch has more tensors of the shape
+        if any(ring[i][1] is ev for ev in used): ring.insert(i, _pinned_slot(t))  # more tensors of the shape in a batch
         buf, ev = ring[i]
         slots[0] = (i + 1) % len(ring)
         ev.synchronize()  # returns at once unless that copy, `ring` batches back, still runs (an unrecorded event: at once)
         used.append(ev)
         return buf.copy_(t)
+
+
+def _pinned_slot(t: torch.Tensor) -> tuple:
+    """A pinned host buffer shaped like `t`, with the event that marks the copy reading it done."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event()
 
 
 class DeviceCB(Callback):
