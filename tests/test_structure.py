@@ -13,7 +13,7 @@ from ultraloop import CudaGraphCB, DataLoaders, Learner, MetricsCB, TrainLearner
 
 PKG = Path(ultraloop.__file__).parent
 # each module's layer: a module may import only from layers below its own (or beside it, within the same layer)
-LAYERS = {'utils': 0, 'plotting': 0, 'models': 0, 'datasets': 0, 'data': 1, 'state': 1, 'learner': 2,
+LAYERS = {'utils': 0, 'plotting': 0, 'models': 0, 'datasets': 0, 'data': 1, 'sources': 1, 'state': 1, 'learner': 2,
           'callbacks': 3, 'summary': 4, 'cli': 5, '__main__': 6, '__init__': 6}
 
 

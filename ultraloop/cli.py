@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -45,7 +46,8 @@ def _float_above(lo: float):
     return parse
 
 
-def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None) -> None:
+def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None,
+                     out: tuple[str, str] = ('DIR', 'run folder for the plots (default: runs/<command>-<date>-<time>)')) -> None:
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                    help='where to train; auto: mps, else cuda, else cpu (default: auto)')
     p.add_argument('--seed', type=_int_at_least(0, MAX_SEED), default=0,
@@ -53,27 +55,77 @@ def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None) -> 
     default = ("torch's choice" if threads is None
                else f'{threads}: a model this small runs fastest on one thread, above all on a busy machine')
     p.add_argument('--threads', type=_int_at_least(1), default=threads, help=f'CPU threads torch may use (default: {default})')
-    p.add_argument('--out', type=Path, default=None, metavar='DIR',
-                   help='run folder for the plots (default: runs/<command>-<date>-<time>)')
+    p.add_argument('--out', type=Path, default=None, metavar=out[0], help=out[1])
     p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
                    help='on an error, show the full traceback instead of one line')
 
 
+def _share(s: str) -> float:
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'expected a number, got {s!r}') from None
+    if not 0 < v < 1: raise argparse.ArgumentTypeError(f'must be between 0 and 1 (the share held out), got {s}')
+    return v
+
+
+_UNITS = {'': 1, 'k': 2**10, 'm': 2**20, 'g': 2**30, 't': 2**40}
+
+
+def _bytes(s: str) -> int:
+    m = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*', s.lower())
+    if m is None: raise argparse.ArgumentTypeError(f'expected a size such as 512M or 2G, got {s!r}')
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+MODELS = ('auto', 'cnn', 'mlp')
+
+
+def _model_spec(s: str) -> str:
+    if s in MODELS or re.fullmatch(r'timm:[\w.\-]+', s) or re.fullmatch(r'[\w.]+:\w+', s): return s
+    raise argparse.ArgumentTypeError(f'invalid choice: {s!r} (choose from {", ".join(MODELS)}, timm:NAME or '
+                                     f'module:function)')
+
+
 def _add_data_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--data', choices=['digits', 'fashion-mnist'], default='digits',
-                   help="digits: scikit-learn's bundled 8x8 digits, no download; fashion-mnist: the four IDX files "
-                        'in --data-dir (default: digits)')
+    p.add_argument('--data', default='digits', metavar='PATH',
+                   help='a folder of images with one sub-folder per class (train/ and valid/ folders of those if you '
+                        'have a split), a .csv or .parquet table (with --target), an .npz or .pt file with x and y (and '
+                        "x_valid, y_valid), or a built-in: digits (scikit-learn's bundled 8x8 digits), fashion-mnist "
+                        '(the four IDX files in --data-dir), mnist1d (made by the mnist1d package) (default: digits)')
     p.add_argument('--data-dir', type=Path, default=None, metavar='DIR',
                    help='folder holding the FashionMNIST .gz files, or torchvision\'s DIR/FashionMNIST/raw '
                         '(default: data; only with --data fashion-mnist)')
-    p.add_argument('--model', choices=['cnn', 'mlp'], default='cnn',
-                   help="cnn: the seed's three-convolution CNN; mlp: one hidden layer of 128 (default: cnn)")
+    p.add_argument('--target', default=None, metavar='COLUMN', help='the column to predict, for a table')
+    p.add_argument('--task', choices=['classification', 'regression'], default='classification',
+                   help='classification (the target holds class labels: integers or text) or regression (numbers; '
+                        'mean squared error, with the mean absolute error beside it) (default: classification)')
+    p.add_argument('--size', type=_int_at_least(1), default=None, metavar='N',
+                   help='resize images to N x N (needed when their sizes differ)')
+    p.add_argument('--valid-pct', type=_share, default=0.2, metavar='P',
+                   help='share of the samples held out for validation when the data has no split of its own, drawn with '
+                        '--seed (default: 0.2)')
+    p.add_argument('--max-memory', type=_bytes, default='2G', metavar='SIZE',
+                   help='keep decoded images in memory (uint8) up to this size, else decode them in DataLoader workers '
+                        'each epoch (default: 2G)')
+    p.add_argument('--workers', type=_int_at_least(0), default=2,
+                   help='DataLoader worker processes decoding images that do not fit in --max-memory (default: 2)')
+    p.add_argument('--mnist1d-samples', type=_int_at_least(20), default=5000, metavar='N',
+                   help='samples make_dataset makes for --data mnist1d, 80%% for training (default: 5000)')
+    p.add_argument('--model', type=_model_spec, default='auto',
+                   help="auto (cnn for images and signals, else mlp), cnn (the seed's three-convolution CNN; a small 1-D "
+                        'CNN for signals), mlp (one hidden layer of 128), timm:NAME (a timm model, where timm is '
+                        'installed), or module:function, your own factory called as function(n_in, n_classes) '
+                        '(default: auto)')
+    p.add_argument('--pretrained', type=Path, default=None, metavar='FILE',
+                   help='start a timm:NAME model from this local weights file (never downloaded)')
     p.add_argument('--bs', type=_int_at_least(1), default=64, help='batch size (default: 64)')
     p.add_argument('--opt', choices=['sgd', 'adamw'], default='adamw',
                    help=f'optimiser: sgd (momentum {SGD_MOMENTUM}) or adamw (weight decay {ADAMW_WEIGHT_DECAY}) '
                         '(default: adamw)')
     p.add_argument('--precision', choices=['no', 'bf16', 'fp16'], default='no',
                    help='mixed precision with MixedPrecisionCB: bf16, or fp16 with a gradient scaler (default: no)')
+    p.add_argument('--config', type=Path, default=None, metavar='FILE',
+                   help="a run's config.toml: every option not given on the command line is taken from it, and the "
+                        "data's split and statistics too (output paths are not: the run gets a new folder)")
     _add_run_options(p)
 
 
@@ -93,9 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo, threads=1)
     demo.set_defaults(run=_demo)
 
-    fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
-                         'metrics table (accuracy: the share of samples classified right) and save the metrics plot in '
-                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and batch. '
+    fit = sub.add_parser('fit', help='fit a model on your data (images, a table, arrays) or a built-in set',
+                         description='Fit a model, print the metrics table (accuracy: the share of samples classified '
+                         'right) and save the metrics plot, the weights (model.pt) and every option with the data\'s '
+                         'classes, statistics and split (config.toml) in the run folder: `ultraloop fit --config '
+                         'runs/<run>/config.toml` runs it again. A NaN or inf loss stops the run with exit code 1, '
+                         'naming the epoch and batch. '
                          'Started by torchrun (torchrun --nproc-per-node 2 -m ultraloop fit ...), the processes train '
                          'together (DistributedCB).')
     _add_data_model_options(fit)
@@ -131,7 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     lrf.add_argument('--lr-mult', type=_float_above(1), default=1.3, help='lr growth per batch (default: 1.3)')
     lrf.add_argument('--max-epochs', type=_int_at_least(1), default=10, help='at most this many epochs (default: 10)')
     lrf.set_defaults(run=_lr_find)
-    for p in (demo, fit, lrf): p.set_defaults(parser=p)
+
+    pred = sub.add_parser('predict', help="a fitted model's predictions on new data, as a CSV file",
+                          description="Rebuild the model and the data's preparation from a run's config.toml (found beside "
+                          '--checkpoint or in the folder above it, or given with --config), load the weights and write one '
+                          'row per sample: its id (file or row), the prediction (a class name, or a number) and, for '
+                          'classes, its probability.')
+    evl = sub.add_parser('evaluate', help="a fitted model's metrics on labelled data, with a confusion matrix",
+                         description="Rebuild the model and the data's preparation from a run's config.toml, load the "
+                         'weights, print the metrics table over --data (for an image folder with a valid/ folder, that '
+                         'one; for a built-in, its valid split) and save the confusion matrix plot in the run folder.')
+    for p in (pred, evl):
+        p.add_argument('--checkpoint', type=Path, required=True, metavar='FILE',
+                       help="the weights: a fit's runs/<run>/model.pt, a --save file or a CheckpointCB checkpoint")
+        p.add_argument('--data', required=True, metavar='PATH', help='the data, of the kind the model was fitted on')
+        p.add_argument('--config', type=Path, default=None, metavar='FILE',
+                       help="the run's config.toml (default: the one beside --checkpoint or in the folder above it)")
+        p.add_argument('--bs', type=_int_at_least(1), default=256, help='batch size (default: 256)')
+    _add_run_options(evl)
+    _add_run_options(pred, out=('FILE', 'the CSV file to write (default: runs/predict-<date>-<time>/preds.csv)'))
+    pred.set_defaults(run=_predict)
+    evl.set_defaults(run=_evaluate)
+    for p in (demo, fit, lrf, pred, evl): p.set_defaults(parser=p)
     return parser
 
 
@@ -159,15 +235,18 @@ def _device(name: str, parser: argparse.ArgumentParser):
 def _check_paths(args) -> None:
     """Refuse a run folder or output file that cannot be written, naming the option, before any work."""
     from .callbacks.logs import _csv_problem, _file_problem
-    if args.out is not None and (problem := _file_problem(args.out, folder=True)) is not None:
-        args.parser.error(f'--out: {problem} for the run')
+    folder = args.command != 'predict'  # predict's --out is the CSV file it writes
+    if args.out is not None and (problem := _file_problem(args.out, folder=folder)) is not None:
+        args.parser.error(f'--out: {problem}' + (' for the run' if folder else ''))
     if getattr(args, 'csv', None) is not None:
-        if (problem := _csv_problem(args.csv, _columns())) is not None: args.parser.error(f'--csv: {problem}')
+        if (problem := _csv_problem(args.csv, _task_columns(args))) is not None: args.parser.error(f'--csv: {problem}')
     if getattr(args, 'save', None) is not None:
         if (problem := _file_problem(args.save)) is not None: args.parser.error(f'--save: {problem}')
 
 
 def _check_data_args(args) -> None:
+    """Options that do not fit the data they are given with are usage errors; a missing file or folder is one line."""
+    from .sources import kind_of
     _check_paths(args)
     if args.data == 'digits' and args.data_dir is not None:
         args.parser.error('--data-dir is for --data fashion-mnist; the digits ship with scikit-learn')
@@ -175,11 +254,33 @@ def _check_data_args(args) -> None:
         if args.data_dir is None: args.data_dir = Path('data')
         if not args.data_dir.is_dir():
             args.parser.error(f'--data-dir {args.data_dir} is not a folder; put the FashionMNIST IDX files in one')
+    kind = kind_of(args.data)
+    if args.target is not None and kind != 'table':
+        args.parser.error(f'--target is for a table (.csv or .parquet); {args.data} is {kind} data')
+    if args.size is not None and kind != 'images':
+        args.parser.error(f'--size is for a folder of images; {args.data} is {kind} data')
+    if args.pretrained is not None and not args.model.startswith('timm:'):
+        args.parser.error(f'--pretrained is for --model timm:NAME (a timm model); --model {args.model} starts from '
+                          f'random weights')
 
 
 def _load(args):
-    from .datasets import digits, fashion_mnist
-    return fashion_mnist(args.data_dir) if args.data == 'fashion-mnist' else digits()
+    """The `Data` that --data names, with the split and statistics of --config's run when it is given for that data."""
+    from .sources import load_data
+    return load_data(args.data, target=getattr(args, 'target', None), task=getattr(args, 'task', 'classification'),
+                     size=getattr(args, 'size', None), valid_pct=getattr(args, 'valid_pct', 0.2), seed=args.seed,
+                     max_memory=getattr(args, 'max_memory', 2**30), data_dir=args.data_dir,
+                     mnist1d_samples=getattr(args, 'mnist1d_samples', 5000), info=getattr(args, 'data_info', None))
+
+
+def _model(model_name: str, info: dict, pretrained=None):
+    """The model `model_name` asks for, sized by the data (`info`: a `Data.info` or a config's [data]): images start
+    with their normalisation, regression ends by scaling the outputs to the target's units."""
+    from .models import Normalize, Rescale, build_model
+    img, ts = info.get('image'), info.get('target_stats')
+    return build_model(model_name, info['input_shape'], info['n_out'],
+                       normalize=Normalize(img['mean'], img['std']) if img else None,
+                       rescale=Rescale(ts['mean'], ts['std']) if ts else None, pretrained=pretrained)
 
 
 def _run_dir(args, command: str) -> Path:
@@ -216,26 +317,54 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
     from torch.nn import functional as F
 
     from .callbacks import DeviceCB, ProgressCB, TrainCB
-    from .data import DataLoaders
+    from .data import set_seed
     from .learner import Learner
-    from .models import get_model, mlp
+    from .models import resolve_model
 
     device = _device(args.device, args.parser)
     if args.threads is not None: torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    xt, yt, xv, yv = _load(args)
+    set_seed(args.seed)  # torch, python's random and numpy: the weights, the shuffle and anything a factory draws
+    data = args.loaded = _load(args)
     # keep the data on a GPU when there is one: batches are then cut there, with no copy per batch
-    dls = DataLoaders.from_tensors(xt, yt, xv, yv, bs=bs, seed=args.seed, device=None if device.type == 'cpu' else device)
-    model = get_model(N_CLASSES) if model_name == 'cnn' else mlp(xt[0].numel(), 128, N_CLASSES)
+    dls = data.dls(bs, seed=args.seed, device=None if device.type == 'cpu' else device, workers=getattr(args, 'workers', 0))
+    model = _model(model_name, data.info, getattr(args, 'pretrained', None))
     opt_func = (partial(optim.SGD, momentum=SGD_MOMENTUM) if opt_name == 'sgd'
                 else partial(optim.AdamW, weight_decay=ADAMW_WEIGHT_DECAY))
     cbs = [TrainCB(), DeviceCB(device), ProgressCB()]
     if precision != 'no':
         from .callbacks import MixedPrecisionCB
         cbs.append(MixedPrecisionCB(dtype=torch.bfloat16 if precision == 'bf16' else torch.float16))
-    print(f'data: {args.data} ({len(xt):,} train, {len(xv):,} valid, {tuple(xt.shape[1:])}), model: {model_name}, '
-          f'opt: {opt_name}, device: {device}, precision: {precision}')
-    return Learner(model, dls, F.cross_entropy, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func)
+    print(f'data: {args.data} ({len(data.x_train):,} train, {len(data.x_valid):,} valid, {tuple(data.input_shape)}'
+          + (f', {data.n_out} classes' if data.classes is not None and data.info['kind'] not in _TEN_DIGITS else '')
+          + f'), model: {resolve_model(model_name, data.input_shape)}, opt: {opt_name}, device: {device}, precision: {precision}')
+    loss = F.mse_loss if data.task == 'regression' else F.cross_entropy
+    return Learner(model, dls, loss, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func)
+
+
+_TEN_DIGITS = ('digits', 'fashion-mnist', 'mnist1d')  # their table line says no class count, as before
+
+
+def _task_columns(args) -> list[str]:
+    return _regression_columns() if getattr(args, 'task', 'classification') == 'regression' else _columns()
+
+
+def _regression_columns() -> list[str]:
+    return ['mae', 'loss', 'epoch', 'train']
+
+
+def _task_metric_cbs(task: str, n_out: int) -> list:
+    """The metrics of a classification (`_metric_cbs`, sized for the data's classes) or, for regression, the mean
+    absolute error beside the loss (mean squared error), both in the target's units."""
+    from .callbacks import MetricsCB
+    if task != 'regression':
+        if n_out == N_CLASSES: return _metric_cbs()
+        from torchmetrics.classification import MulticlassAccuracy
+        # the same metric as _metric_cbs (micro accuracy), for another number of classes
+        return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out, average='micro'))]
+    from torchmetrics.regression import MeanAbsoluteError
+    m = MetricsCB(mae=MeanAbsoluteError())
+    assert m.columns == _regression_columns()
+    return [m]
 
 
 def _columns() -> list[str]:
@@ -289,7 +418,7 @@ def _lr_find_quietly(learn, out: Path, **kwargs) -> float | None:
 
 def _last_valid(learn) -> str:
     hist = [h for h in learn.metrics.history if h.get('train') != 'train']
-    return ', '.join(f'{k} {v:.3f}' for k, v in hist[-1].items() if k in ('accuracy', 'loss')) if hist else ''
+    return ', '.join(f'{k} {v:.3f}' for k, v in hist[-1].items() if k in ('accuracy', 'mae', 'loss')) if hist else ''
 
 
 # ---- the commands ------------------------------------------------------------------------------------------------
@@ -325,7 +454,7 @@ def _fit(args) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
     from .callbacks.distributed import DistributedCB, launched
     if launched(): learn.add_cb(DistributedCB(args.strategy))  # torchrun started this process: train with the others
-    learn.add_cbs(_metric_cbs())
+    learn.add_cbs(_task_metric_cbs(args.loaded.task, args.loaded.n_out))
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
@@ -352,6 +481,7 @@ def _fit(args) -> int:
     if stop is not None and stop.stopped_epoch is not None:
         print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
     print(f'valid: {_last_valid(learn)}')
+    if _main_process(): _save_run(args, learn, out)
     print(f'run folder: {out} (metrics.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
     if args.save is not None:
         _save_weights(learn.model, args.save)
@@ -359,7 +489,26 @@ def _fit(args) -> int:
     return 0
 
 
-def _save_weights(model, path: Path) -> None:
+def _save_run(args, learn, out: Path) -> None:
+    """The run's weights (model.pt) and config.toml: every option, and the data's classes, statistics and split, so
+    `fit --config` repeats the run and `predict`/`evaluate` prepare new data as this run's."""
+    from .sources import dump_toml
+    _save_weights(learn.model, out / 'model.pt', '--out')
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and isinstance(v, (str, int, float, Path))}
+    info = args.loaded.info
+    cfg = {'ultraloop': {'version': sys.modules[__package__].__version__, 'command': args.command},
+           'options': options, 'data': info}
+    (out / 'config.toml').write_text(dump_toml(cfg), encoding='utf-8')
+    print(f'config: {out / "config.toml"} (ultraloop fit --config {out / "config.toml"} runs it again); '
+          f'weights: {out / "model.pt"}')
+
+
+_NOT_OPTIONS = ('command', 'parser', 'run', 'made', 'loaded', 'data_info', 'config', 'debug')
+# output paths: a run repeated from its config gets its own folder and files unless they are given again
+_OUTPUT_OPTIONS = ('out', 'csv', 'save', 'checkpoint_dir', 'every_batches', 'resume')
+
+
+def _save_weights(model, path: Path, option: str = '--save') -> None:
     """The model's state_dict, on the CPU, written to a temporary file then renamed: a crash leaves no half file."""
     import torch
     tmp = path.with_name(f'.{path.name}.tmp')
@@ -369,7 +518,7 @@ def _save_weights(model, path: Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot open as a RuntimeError
         tmp.unlink(missing_ok=True)
-        raise ValueError(f'--save {path}: the weights could not be written ({e}); give a path you can write to') from None
+        raise ValueError(f'{option} {path}: the weights could not be written ({e}); give a path you can write to') from None
 
 
 def _lr_find(args) -> int:
@@ -384,12 +533,153 @@ def _lr_find(args) -> int:
     return 0
 
 
+# ---- a fitted model on new data -----------------------------------------------------------------------------------
+def _run_config(args) -> tuple[dict, Path]:
+    """The config.toml of the run --checkpoint comes from: --config, else the one beside it or in the folder above."""
+    from .sources import read_toml
+    ck = args.checkpoint
+    if not ck.is_file():
+        raise ValueError(f'--checkpoint {ck}: no such file; give the weights of a fit (runs/<run>/model.pt) or a checkpoint')
+    path = args.config or next((d / 'config.toml' for d in (ck.parent, ck.parent.parent) if (d / 'config.toml').is_file()),
+                               None)
+    if path is None:
+        raise ValueError(f'no config.toml beside {ck} or in {ck.parent.parent}: give the config of the run that made it '
+                         f'with --config runs/<run>/config.toml')
+    if not path.is_file(): raise ValueError(f'--config {path}: no such file; give the config.toml of a fit')
+    cfg = read_toml(path)
+    if not isinstance(cfg.get('data'), dict) or 'model' not in cfg.get('options', {}):
+        raise ValueError(f'{path} is not the config.toml of a fit (it lacks the [options] and [data] tables fit writes)')
+    return cfg, path
+
+
+def _fitted_model(args, cfg: dict, path: Path):
+    """The run's model with the weights of --checkpoint (a model.pt or --save file, or a CheckpointCB checkpoint)."""
+    import torch
+    model = _model(cfg['options']['model'], cfg['data'])
+    try: sd = torch.load(args.checkpoint, weights_only=True, map_location='cpu')
+    except Exception as e:  # pickle and zip errors alike: the file is not a torch file of tensors
+        raise ValueError(f'--checkpoint {args.checkpoint} cannot be read as saved weights ({type(e).__name__}: {e})') from None
+    if isinstance(sd, dict) and isinstance(sd.get('model'), dict): sd = sd['model']  # a CheckpointCB checkpoint
+    try: model.load_state_dict(sd)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'--checkpoint {args.checkpoint} does not hold the weights of the model in {path} ({first}); '
+                         f'give the model.pt of that run') from None
+    return model.eval()
+
+
+def _outputs(model, x, bs: int, device):
+    """The model's outputs over `x` in batches of `bs`, on the CPU."""
+    import torch
+    model.to(device)
+    with torch.no_grad(): return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+def _predict(args) -> int:
+    import csv
+
+    import torch
+
+    from .sources import load_inputs
+    _check_paths(args)
+    cfg, path = _run_config(args)
+    device = _device(args.device, args.parser)
+    if args.threads is not None: torch.set_num_threads(args.threads)
+    model = _fitted_model(args, cfg, path)
+    info = cfg['data']
+    x, _, ids = load_inputs(args.data, info, labelled=False)
+    out = args.out if args.out is not None else _run_dir(args, 'predict') / 'preds.csv'
+    preds = _outputs(model, x, args.bs, device)
+    if info['task'] == 'regression':
+        cols = ['prediction'] if preds.shape[1] == 1 else [f'prediction_{i}' for i in range(preds.shape[1])]
+        rows = [[i, *map(float, p)] for i, p in zip(ids, preds)]
+    else:
+        prob, cls = preds.softmax(1).max(1)
+        cols, rows = ['prediction', 'probability'], [[i, info['classes'][c], f'{p:.6f}'] for i, c, p in
+                                                     zip(ids, cls.tolist(), prob.tolist())]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, 'w', newline='', encoding='utf-8') as f: csv.writer(f).writerows([['id', *cols], *rows])
+    print(f'model: {args.checkpoint} (config {path}); data: {args.data} ({len(ids):,} samples)')
+    print(f'predictions: {out}')
+    return 0
+
+
+def _evaluate(args) -> int:
+    import torch
+    from torch.nn import functional as F
+
+    from .callbacks import CapturePreds, DeviceCB, ProgressCB, TrainCB
+    from .data import DataLoaders
+    from .learner import Learner
+    from .sources import load_inputs
+    _check_paths(args)
+    cfg, path = _run_config(args)
+    device = _device(args.device, args.parser)
+    if args.threads is not None: torch.set_num_threads(args.threads)
+    model = _fitted_model(args, cfg, path)
+    info = cfg['data']
+    x, y, _ = load_inputs(args.data, info, labelled=True)
+    regression = info['task'] == 'regression'
+    dls = DataLoaders.from_tensors(x, y, x, y, bs=args.bs, shuffle=False)
+    learn = Learner(model, dls, F.mse_loss if regression else F.cross_entropy,
+                    cbs=[TrainCB(), DeviceCB(device), ProgressCB(), *_task_metric_cbs(info['task'], info['n_out'])])
+    print(f'model: {args.checkpoint} (config {path}); data: {args.data} ({len(x):,} samples)')
+    cp = CapturePreds()
+    learn.fit(1, train=False, cbs=[cp])
+    out = _run_dir(args, 'evaluate')
+    print(f'{"eval"}: {_last_valid(learn)}')
+    if not regression:
+        classes = info['classes']
+        n = len(classes)
+        cm = torch.bincount(y * n + cp.all_preds.argmax(1), minlength=n * n).reshape(n, n)
+        _plot_confusion(cm, classes, out / 'confusion.png')
+        width = max(len(c) for c in classes)
+        print('confusion matrix (rows: true class, columns: predicted):')
+        for c, row in zip(classes, cm.tolist()): print(f'  {c:>{width}}  ' + ' '.join(f'{v:>5}' for v in row))
+    print(f'run folder: {out}' + ('' if regression else ' (confusion.png)'))
+    return 0
+
+
+def _plot_confusion(cm, classes: list, path: Path) -> None:
+    from .plotting import show_or_save, subplots
+    n = len(classes)
+    fig, ax = subplots(figsize=(1.5 + 0.5 * n, 1 + 0.5 * n))
+    ax.imshow(cm.numpy(), cmap='Blues')
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel('predicted'); ax.set_ylabel('true class')
+    top = int(cm.max()) if cm.numel() else 0
+    for (i, j), v in zip([(i, j) for i in range(n) for j in range(n)], cm.flatten().tolist()):
+        ax.text(j, i, str(v), ha='center', va='center', color='white' if v > top / 2 else 'black')
+    fig.tight_layout()
+    show_or_save(fig, path, 'confusion.png')
+
+
+def _with_config(parser, argv, args):
+    """Parse `argv` again with the options of --config's run as defaults, so what the command line gives wins; the
+    run's split and statistics come along when --data is the run's."""
+    from .sources import read_toml
+    path = args.config
+    if not path.is_file(): raise ValueError(f'--config {path}: no such file; give a run\'s config.toml (runs/<run>/config.toml)')
+    opts = read_toml(path).get('options')
+    if not isinstance(opts, dict): raise ValueError(f'{path} has no [options] table; give the config.toml a fit wrote')
+    known = {a.dest for a in args.parser._actions}
+    unknown = [k for k in opts if k not in known]
+    if unknown: raise ValueError(f'{path}: unknown option {unknown[0]!r} for ultraloop {args.command}; remove it from the file')
+    args.parser.set_defaults(**{k: v for k, v in opts.items() if k not in _OUTPUT_OPTIONS})
+    new = parser.parse_args(argv)
+    if new.data == opts.get('data'): new.data_info = read_toml(path).get('data')
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message).
     Only the errors a user can cause (ValueError, TypeError, OSError) are shortened to a line, and `--debug` shows
     them whole; any other exception, such as a bug in the library, propagates with its traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command in ('fit', 'lr-find') and args.config is not None: args = _with_config(parser, argv, args)
         with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()):
             return args.run(args)  # under torchrun only the main process prints
     except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these
