@@ -217,7 +217,7 @@ def test_cli_fit_under_torchrun_trains_with_distributed_cb_and_only_rank0_prints
     r0, r1 = runs.load('one', 'cli')
     assert r0['rc'] == r1['rc'] == 0
     assert r1['printed'] == '' and r1['files'] is None  # rank 1 made no run folder
-    assert r0['files'] == ['history.csv', 'metrics.png']
+    assert r0['files'] == ['config.toml', 'history.csv', 'metrics.png', 'model.pt']  # fit writes its config and weights too
     assert re.search(r'^valid: accuracy 0\.\d{3}, loss \d\.\d{3}$', r0['printed'], re.M)
     assert 'data: digits (1,438 train, 359 valid' in r0['printed']
 

@@ -493,7 +493,7 @@ def _save_run(args, learn, out: Path) -> None:
     """The run's weights (model.pt) and config.toml: every option, and the data's classes, statistics and split, so
     `fit --config` repeats the run and `predict`/`evaluate` prepare new data as this run's."""
     from .sources import dump_toml
-    _save_weights(learn.model, out / 'model.pt', '--out')
+    _save_weights(getattr(learn.model, 'module', learn.model), out / 'model.pt', '--out')  # DDP's wrapper: the model's own keys
     options = {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS and isinstance(v, (str, int, float, Path))}
     info = args.loaded.info
     cfg = {'ultraloop': {'version': sys.modules[__package__].__version__, 'command': args.command},
