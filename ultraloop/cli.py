@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
                          'metrics table (accuracy: the share of samples classified right) and save the metrics plot in '
-                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and batch. '
-                         'Started by torchrun (torchrun --nproc-per-node 2 -m ultraloop fit ...), the processes train '
+                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and '
+                         'batch; SIGTERM or SIGUSR1 stops it at the end of a batch (checkpointed with --checkpoint-dir) '
+                         f'with exit code {EXIT_RESUMABLE}. Started by torchrun (torchrun --nproc-per-node 2 -m '
+                         'ultraloop fit ...), the processes train '
                          'together (DistributedCB).')
     _add_data_model_options(fit)
     fit.add_argument('--epochs', type=_int_at_least(1), default=5, help='epochs to fit (default: 5)')
