@@ -87,7 +87,7 @@ class DistributedCB(Callback):
       each process's own parts and loads in any number of processes (see `state.learner_state`).
     - Signals (ctrl-C, SIGTERM, SIGUSR1: see `Learner.fit`): a signal reaching any process stops every process at the
       same batch. The processes agree on it every `signal_every` train batches, at each train phase's last batch and at
-      the fit's end: one all_reduce of one number (and on a GPU one read of it), so no collective is added per batch
+      each validation phase's end: one all_reduce of one number (and on a GPU one read of it), so no collective is added per batch
       (bench/signals.py counts them). A signal is acted on within `signal_every` train batches (plus a validation phase).
     - Failure: cleanup runs no collective (it also runs after an error); a process that raises exits, and torchrun ends
       the others.
@@ -241,8 +241,10 @@ class DistributedCB(Callback):
         for g in grads: dist.all_reduce(g)
         torch._foreach_div_(grads, dist.get_world_size())
 
-    def after_fit(self, learn):
-        if self._on: self._agree(learn)  # a signal in the last validation phase: every process raises, not only its own
+    def after_epoch(self, learn):
+        # at each validation phase's end, which every process reaches (before MetricsCB's and early stopping's work): a
+        # signal in validation stops the next batch, or, in the last, the fit on every process, not only its own
+        if self._on and not learn.training: self._agree(learn)
 
     # ---- end: no collective here (cleanup also runs after a failure, when the other ranks may be gone) -------------
     def cleanup_fit(self, learn):
