@@ -220,3 +220,13 @@ def test_command_resumes_by_default_fresh_starts_over_and_the_exit_code_is_the_l
                            '--resume and --fresh contradict each other: give one (or neither: resume)')):
         with pytest.raises(SystemExit) as e: main(['fit', *argv])
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f'ultraloop fit: error: {message}')
+
+
+def test_preempted_is_a_system_exit_of_code_75_that_pickles_whole():
+    import pickle
+
+    from ultraloop import Preempted
+    ck = Path('ck/checkpoint-000001-epoch0-train3.pt')
+    e = pickle.loads(pickle.dumps(Preempted(signal.SIGUSR1, ck, 'stopped')))
+    assert isinstance(e, SystemExit) and not isinstance(e, Exception)
+    assert (e.code, e.signal, e.checkpoint, str(e)) == (75, signal.SIGUSR1, ck, 'stopped')

@@ -80,6 +80,8 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str: return self.message
 
+    def __reduce__(self): return type(self), (self.signal, self.checkpoint, self.message)  # pickles (to another process)
+
 
 class Callback:
     """Base class for callbacks. A hook is a method named after an event (see `EVENTS`) taking the learner;
