@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument('--resume', action='store_true',
                      help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped (give the '
                           'options it was started with); with none there yet, start from the beginning')
+    fit.add_argument('--init-from', type=Path, default=None, metavar='CHECKPOINT',
+                     help="start a new run from a checkpoint's weights only (another lr, optimiser or data: a fine-tune); "
+                          'a run resumed with --resume goes on from its own checkpoint instead')
     fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
                      help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
@@ -340,6 +343,9 @@ def _fit(args) -> int:
         newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
         if newest is not None: resume = ck; print(f'resuming from {newest}')
         elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
+    if args.init_from is not None and resume is None:
+        learn.load_state(args.init_from, weights_only=True)
+        print(f'weights from {args.init_from} (a new run)')
 
     def run(cbs):
         try:

@@ -235,8 +235,9 @@ class Learner:
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
             self._check_steps(train)
-            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
-            self._resume = None if resume is None else state.Resume(self, resume, n_epochs)  # read and checked first
+            fit_lr = self.lr if lr is None else lr  # a resumed run must keep it (the state records it)
+            self._resume = None if resume is None else state.Resume(self, resume, n_epochs, fit_lr)  # read and checked first
+            self.n_epochs, self.epochs, self._fit_lr = n_epochs, range(n_epochs), fit_lr
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
             self._loaded_position = None
             self._prepare_opt(self.lr if lr is None else lr)
@@ -410,11 +411,14 @@ class Learner:
         `state_dict()`, the loaders, the RNGs and where the loop is. Tensors are the live ones: save or copy it."""
         return state.learner_state(self)
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, weights_only: bool = False) -> None:
         """Put back a `state_dict()`: weights, gradients, optimiser (made first if this learner has none yet),
-        callbacks' states (matched by class and order: a mismatch is an error naming it), loaders and RNGs. To go on
-        from where it was captured, pass it to `fit(resume=sd)` instead."""
-        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr))
+        callbacks' states (matched by class and order), loaders and RNGs; all checked first (model, optimiser, loaders,
+        callbacks and their settings: a mismatch is a one-line error naming it, and changes nothing). To go on from
+        where it was captured, pass it to `fit(resume=sd)` instead. `weights_only=True` loads only the weights and
+        buffers: a new run (a fine-tune with another lr, optimiser or data) starts from them."""
+        if weights_only: return state.load_weights(self, sd)
+        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr), unshare=True)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole). Under several processes
@@ -422,10 +426,12 @@ class Learner:
         sd = self.state_dict()
         if self.is_main: state.save_file(sd, path)
 
-    def load_state(self, path: str | os.PathLike) -> None:
+    def load_state(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         """Read a state saved by `save_state` or CheckpointCB (with `torch.load(weights_only=True)`: a file holding any
-        other pickled object is refused unread) and `load_state_dict` it."""
+        other pickled object is refused unread; its checksum checked) and `load_state_dict` it (`weights_only`: the
+        weights alone, to start a new run from them)."""
         sd = state.load_file(path)
+        if weights_only: return state.load_weights(self, sd, str(path))
         state.load_learner_state(self, sd, str(path), create_opt=lambda: self._prepare_opt(self.lr))
 
     # ---- debugging ------------------------------------------------------------------------------------------
