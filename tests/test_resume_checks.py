@@ -284,4 +284,4 @@ def test_stateful_dataloader_with_workers_resumes_exactly():
         return worker_dls(sdl.StatefulDataLoader)
     ref = make(dls(), cbs=[snap := SnapAll()])
     ref.fit(3)
-    resumed_from_each(snap.states[2:7], dls, outcome(ref))  # epoch 1 whole, and into epoch 2
+    resumed_from_each([snap.states[i] for i in (0, 2, 3, 5)], dls, outcome(ref))  # 0-train1, 1-train0, 1-train1, 2-train0

@@ -82,6 +82,18 @@ def loader_state(dl) -> dict | None:
     return s
 
 
+def _finished_iterator(dl) -> None:
+    """A StatefulDataLoader loaded from the state of an epoch it had finished gets that finished iterator back now,
+    the RNGs left as they were, as the run held it. Else its next iteration would make it from the state (drawing a
+    base seed), see it finished and make another (drawing again): one draw more than the run made."""
+    g = getattr(dl, 'generator', None)  # the base seed's (the sampler's is the loaded state's)
+    rng, gen = torch.get_rng_state(), g.get_state() if isinstance(g, torch.Generator) else None
+    try: dl._iterator = dl._get_iterator()
+    finally:
+        torch.set_rng_state(rng)
+        if gen is not None: g.set_state(gen)
+
+
 def _unobserved_state(dl) -> dict:
     """`dl.state_dict()`, leaving the loader and the RNGs as they were. torchdata's StatefulDataLoader makes an iterator
     to say where a loader not yet iterated is (drawing its workers' base seed from torch's RNG), and its next iteration
@@ -98,7 +110,11 @@ def _unobserved_state(dl) -> dict:
 
 def load_loader_state(dl, s: dict | None) -> None:
     if s is None or dl is None: return
-    if 'state' in s: return dl.load_state_dict(s['state'])
+    if 'state' in s:
+        dl.load_state_dict(s['state'])
+        if isinstance(s['state'], dict) and s['state'].get('_iterator_finished') and hasattr(dl, '_get_iterator'):
+            _finished_iterator(dl)
+        return
     for g, st in zip(_generators(dl), s['generators']): g.set_state(st)
     if _persistent(dl) and s.get('iterated') and dl._iterator is None: dl._ultraloop_iterated = True
 
