@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ultraloop import (Callback, CheckpointCB, DataLoaders, GradientAccumulationCB, MetricsCB, MixedPrecisionCB, TrainLearner,
-                       state)
+from ultraloop import (BatchSchedCB, Callback, CheckpointCB, DataLoaders, GradientAccumulationCB, MetricsCB,
+                       MixedPrecisionCB, TrainLearner, state)
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,6 +125,20 @@ def test_more_epochs_under_one_cycle_a_changed_accumulation_and_precision_are_re
         cyc(dtype=torch.float16).fit_one_cycle(2, 0.1, resume=saved['cyc'])
     sched = cyc().fit_one_cycle(2, 0.1, resume=saved['cyc'])  # the same settings go on
     assert sched.sched.last_epoch == 4
+
+
+def test_a_callback_refusing_its_state_leaves_the_weights_and_optimiser_as_they_were(tmp_path):
+    sched = partial(torch.optim.lr_scheduler.StepLR, step_size=2)
+    learn = make(cbs=[BatchSchedCB(sched)])
+    learn.fit(1)
+    learn.save_state(tmp_path / 's.pt')
+    other = make(cbs=[BatchSchedCB(sched)])  # no fit yet: no scheduler to load into
+    before = everything(other)
+    with pytest.raises(ValueError, match=r'^BatchSchedCB: a schedule state loads into a fit in progress'):
+        other.load_state(tmp_path / 's.pt')
+    after = everything(other)
+    assert_same({k: after[k] for k in ('model', 'grads', 'opt', 'loaders', 'rng')},
+                {k: before[k] for k in ('model', 'grads', 'opt', 'loaders', 'rng')})
 
 
 def test_more_epochs_at_a_constant_lr_go_on_as_the_longer_run(saved):
@@ -250,16 +264,23 @@ def worker_dls(loader=DataLoader):
 def where(sd): return '{epoch}-{phase}{batch}'.format(**sd['position'])
 
 
+def stop_workers(learn) -> None:
+    """Ends the loaders' persistent worker processes now rather than at a garbage collection."""
+    for dl in (learn.dls.train, learn.dls.valid): dl._iterator = None  # its __del__ shuts the workers down
+
+
 def resumed_from_each(states, dls, ref):
     for sd in states:
         learn = make(dls())
         learn.fit(3, resume=sd)
+        stop_workers(learn)
         assert_same(outcome(learn), ref, where(sd))
 
 
 def test_persistent_workers_resume_exactly_from_every_checkpoint_also_in_a_new_process(tmp_path):
     ref = make(worker_dls(), cbs=[snap := SnapAll()])
     ref.fit(3)
+    stop_workers(ref)
     assert [where(sd) for sd in snap.states][3:6] == ['1-train1', '1-train2', '2-train0']  # where it drifted
     state.save_file(snap.states[3], tmp_path / 'from.pt')
     resumed_from_each(snap.states, worker_dls, outcome(ref))
@@ -284,4 +305,5 @@ def test_stateful_dataloader_with_workers_resumes_exactly():
         return worker_dls(sdl.StatefulDataLoader)
     ref = make(dls(), cbs=[snap := SnapAll()])
     ref.fit(3)
+    stop_workers(ref)
     resumed_from_each([snap.states[i] for i in (0, 2, 3, 5)], dls, outcome(ref))  # 0-train1, 1-train0, 1-train1, 2-train0

@@ -495,12 +495,13 @@ def load_loaders(learn, sd: dict) -> None:
 def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None, unshare: bool = False) -> None:
     """Put back what `learner_state` captured, outside a fit: weights, gradients, optimiser, callbacks, loaders, RNGs.
     Where the loop was is used only by `fit(resume=...)`. Each process takes its own parts (see `learner_state`).
-    Everything is checked (`validate`) before anything is changed."""
+    Everything is checked (`validate`) before anything is changed; the callbacks load first, so one refusing its state
+    (a schedule's, which loads only into a fit) leaves the weights, optimiser, loaders and RNGs as they were."""
     opt = learn.opt if learn.opt is not None or create_opt is None else opt_to_be(learn, learn.lr)
     validate(learn, sd, what, opt)
     sd = own_parts(_unshared(sd) if unshare else sd, learn.rank, learn.world_size)  # a dict the caller keeps
-    load_model_and_opt(learn, sd, create_opt)
     load_callbacks(learn, sd)
+    load_model_and_opt(learn, sd, create_opt)
     load_loaders(learn, sd)
     set_rng_state(sd['rng'])
     learn._run_id = sd.get('run') or run_id(learn)  # the learner goes on as the state's run, with its fit's settings
@@ -633,8 +634,8 @@ def _tensors(x):
 
 
 def checksum(sd: dict) -> int:
-    """CRC-32 of the bytes of every tensor in `sd` (all but its 'checksum'): about 1 s per GB on one core, against
-    several for the write itself."""
+    """CRC-32 of the bytes of every tensor in `sd` (all but its 'checksum'): one pass over them, a fraction of what
+    serialising and writing them costs."""
     crc = 0
     for t in _tensors({k: v for k, v in sd.items() if k != 'checksum'}):
         if t.layout != torch.strided or t.is_quantized: continue
