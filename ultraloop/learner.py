@@ -228,7 +228,8 @@ class Learner:
         """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
         `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with.
         `resume`: a checkpoint file, a folder (its newest checkpoint) or a `state_dict()`: the fit goes on from the very
-        batch after the one the state was captured at, as if the run had never stopped. A ctrl-C waits for the
+        batch after the one the state was captured at, as if the run had never stopped; a state saved with other
+        settings (model, optimiser, batch size, lr, schedule, ...) is refused before anything changes. A ctrl-C waits for the
         current batch to end (a second one interrupts at once), then raises KeyboardInterrupt."""
         self._check_fit_args(n_epochs, train, valid, lr)
         cbs = _as_cbs(cbs)
@@ -240,7 +241,7 @@ class Learner:
             self.n_epochs, self.epochs, self._fit_lr = n_epochs, range(n_epochs), fit_lr
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
             self._loaded_position = None
-            self._prepare_opt(self.lr if lr is None else lr)
+            self._prepare_opt(fit_lr)
             if self._stale_grads: self._clear_grads()
             try:
                 with _DeferredInterrupt(self):
