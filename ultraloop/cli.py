@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help='start from the beginning even when --checkpoint-dir holds checkpoints; without it the same '
                           'command line, relaunched (SLURM --requeue, torchrun --max-restarts, after ctrl-C or SIGTERM), '
                           'goes on from the newest checkpoint there, exactly, and starts afresh while there is none')
+    fit.add_argument('--init-from', type=Path, default=None, metavar='CHECKPOINT',
+                     help="start a new run from a checkpoint's weights only (another lr, optimiser or data: a fine-tune); "
+                          'a run that goes on from its own checkpoint in --checkpoint-dir ignores it')
     fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
                      help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
@@ -342,7 +345,7 @@ def _fit(args) -> int:
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
-    resume, ck, stop = None, args.checkpoint_dir, None
+    resume, ck, stop, newest = None, args.checkpoint_dir, None, None
     if args.early_stop is not None:
         from .callbacks import EarlyStoppingCB
         learn.add_cb(stop := EarlyStoppingCB(patience=args.early_stop))
@@ -354,6 +357,9 @@ def _fit(args) -> int:
         if newest is not None: print(f'resuming from {newest}')
         elif not args.fresh: print(f'no checkpoint in {ck} yet: starting from the beginning')
         if not args.fresh: resume = 'auto'  # the CheckpointCB's folder: the newest there, else a fresh start
+    if args.init_from is not None and newest is None:  # a run going on from its own checkpoint keeps its weights
+        learn.load_state(args.init_from, weights_only=True)
+        print(f'weights from {args.init_from} (a new run)')
 
     def run(cbs):
         try:

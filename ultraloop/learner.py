@@ -255,10 +255,11 @@ class Learner:
         """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
         `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with.
         `resume`: a checkpoint file, a folder (its newest checkpoint) or a `state_dict()`: the fit goes on from the very
-        batch after the one the state was captured at, as if the run had never stopped. `resume='auto'`: the folder of
-        the learner's CheckpointCB: its newest checkpoint, or a fresh start when it holds none (so one script, relaunched
-        by SLURM's --requeue or torchrun --max-restarts, starts or goes on). A run resumed after its last epoch trains no
-        more: fit says so, and MetricsCB prints the run's table.
+        batch after the one the state was captured at, as if the run had never stopped; a state saved with other
+        settings (model, optimiser, batch size, lr, schedule, ...) is refused before anything changes. `resume='auto'`:
+        the folder of the learner's CheckpointCB: its newest checkpoint, or a fresh start when it holds none (so one
+        script, relaunched by SLURM's --requeue or torchrun --max-restarts, starts or goes on). A run resumed after its
+        last epoch trains no more: fit says so, and MetricsCB prints the run's table.
         Signals: a ctrl-C (SIGINT), SIGTERM or SIGUSR1 waits for the current batch to end, CheckpointCB writes a
         checkpoint there, then fit raises KeyboardInterrupt (ctrl-C) or `Preempted` (SIGTERM, SIGUSR1: a SystemExit with
         code 75, EXIT_RESUMABLE, after printing one line naming the checkpoint). A second signal acts at once, as it
@@ -270,12 +271,13 @@ class Learner:
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
             self._check_steps(train)
-            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
-            self._resume = None if resume is None else state.resume(self, resume, n_epochs)  # read and checked first
+            fit_lr = self.lr if lr is None else lr  # a resumed run must keep it (the state records it)
+            self._resume = None if resume is None else state.resume(self, resume, n_epochs, fit_lr)  # read and checked first
+            self.n_epochs, self.epochs, self._fit_lr = n_epochs, range(n_epochs), fit_lr
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
             self.last_checkpoint = None
             self._loaded_position = None
-            self._prepare_opt(self.lr if lr is None else lr)
+            self._prepare_opt(fit_lr)
             if self._stale_grads: self._clear_grads()
             try:
                 with _StopOnSignal(self):
@@ -462,11 +464,14 @@ class Learner:
         `state_dict()`, the loaders, the RNGs and where the loop is. Tensors are the live ones: save or copy it."""
         return state.learner_state(self)
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, weights_only: bool = False) -> None:
         """Put back a `state_dict()`: weights, gradients, optimiser (made first if this learner has none yet),
-        callbacks' states (matched by class and order: a mismatch is an error naming it), loaders and RNGs. To go on
-        from where it was captured, pass it to `fit(resume=sd)` instead."""
-        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr))
+        callbacks' states (matched by class and order), loaders and RNGs; all checked first (model, optimiser, loaders,
+        callbacks and their settings: a mismatch is a one-line error naming it, and changes nothing). To go on from
+        where it was captured, pass it to `fit(resume=sd)` instead. `weights_only=True` loads only the weights and
+        buffers: a new run (a fine-tune with another lr, optimiser or data) starts from them."""
+        if weights_only: return state.load_weights(self, sd)
+        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr), unshare=True)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole). Under several processes
@@ -474,10 +479,12 @@ class Learner:
         sd = self.state_dict()
         if self.is_main: state.save_file(sd, path)
 
-    def load_state(self, path: str | os.PathLike) -> None:
+    def load_state(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         """Read a state saved by `save_state` or CheckpointCB (with `torch.load(weights_only=True)`: a file holding any
-        other pickled object is refused unread) and `load_state_dict` it."""
+        other pickled object is refused unread; its checksum checked) and `load_state_dict` it (`weights_only`: the
+        weights alone, to start a new run from them)."""
         sd = state.load_file(path)
+        if weights_only: return state.load_weights(self, sd, str(path))
         state.load_learner_state(self, sd, str(path), create_opt=lambda: self._prepare_opt(self.lr))
 
     # ---- debugging ------------------------------------------------------------------------------------------

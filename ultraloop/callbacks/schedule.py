@@ -56,6 +56,13 @@ class BaseSchedCB(Callback):
         self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
 
+    def resume_settings(self) -> dict:
+        """What a resumed fit must keep: the plain arguments of a `functools.partial` sched_func (fit_one_cycle's
+        total_steps and max_lr). The saved scheduler state carries them and would silently replace new ones: a run
+        resumed with more epochs under one-cycle would end at the old step count (`Tried to step ... times`)."""
+        kw = getattr(self.sched_func, 'keywords', None) or {}
+        return {k: v for k, v in kw.items() if v is None or isinstance(v, (bool, int, float, str))}
+
     def state_dict(self) -> dict:
         return {'sched': None if self.sched is None else self.sched.state_dict(), 'lrs': list(self.lrs),
                 'saved': self._saved}
