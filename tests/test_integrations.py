@@ -236,6 +236,8 @@ def test_ray_reports_each_epoch_with_its_checkpoint_and_resumes_from_ray_exactly
             learn.metrics.history[:2 * e + 2]
 
     assert ray_resume_path(tmp_path / 'ck2') is None  # a first start: Ray has no checkpoint
+    given = ray_resume_path(tmp_path / 'ck3', checkpoint=fake_ray.reports[0][1])  # an earlier run's, passed in the config
+    assert given.parent == tmp_path / 'ck3' and _history_in(given) == learn.metrics.history[:2]
     fake_ray.resume_from, fake_ray.reports[:] = fake_ray.reports[1][1], []
     again = _learner(RayTrainReportCB(), CheckpointCB(tmp_path / 'ck2', every_batches=3))
     path = ray_resume_path(tmp_path / 'ck2')

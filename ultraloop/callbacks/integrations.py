@@ -323,12 +323,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError: shutil.copy2(src, dst)
 
 
-def ray_resume_path(dir: str | os.PathLike = 'checkpoints') -> Path | None:
-    """Inside a Ray Train worker: the checkpoint file of Ray's latest checkpoint (`ray.train.get_checkpoint()`), copied
-    into the folder `dir` (CheckpointCB's, so its next files are numbered after it), or None when Ray has none (a first
-    start). `learn.fit(n, resume=ray_resume_path(dir))` then goes on exactly where the reported run was."""
+def ray_resume_path(dir: str | os.PathLike = 'checkpoints', checkpoint=None) -> Path | None:
+    """Inside a Ray Train worker: the checkpoint file of Ray's latest checkpoint (`ray.train.get_checkpoint()`: after a
+    worker restart, or a run relaunched with the same name and storage), else of `checkpoint` (a `ray.train.Checkpoint`
+    of an earlier run, e.g. its `Result.checkpoint` passed in `train_loop_config`: Ray Train's way to start from one),
+    copied into the folder `dir` (CheckpointCB's, so its next files are numbered after it); None when there is none (a
+    first start). `learn.fit(n, resume=ray_resume_path(dir))` then goes on exactly where the reported run was."""
     train = _require('ray.train', 'ray_resume_path', '"ray[train]"', 'ray')
-    ckpt = train.get_checkpoint()
+    ckpt = train.get_checkpoint() or checkpoint
     if ckpt is None: return None
     from ..state import checkpoint_seq
     with ckpt.as_directory() as d:
