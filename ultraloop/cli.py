@@ -47,6 +47,21 @@ def _float_above(lo: float):
     return parse
 
 
+LOGGERS = {'csv': None, 'tensorboard': ('tensorboard', 'tensorboard'), 'wandb': ('wandb', 'wandb'),
+           'mlflow': ('mlflow', 'mlflow')}  # --log NAME: (module it needs, pip install NAME)
+
+
+def _loggers(s: str) -> list[str]:
+    """--log's comma-separated names, each known and with its library installed (checked before any work)."""
+    import importlib.util
+    names = [n.strip() for n in s.split(',') if n.strip()]
+    for n in names:
+        if n not in LOGGERS: raise argparse.ArgumentTypeError(f'unknown logger {n!r}; choose from {",".join(LOGGERS)}')
+        if LOGGERS[n] is not None and importlib.util.find_spec(LOGGERS[n][0]) is None:
+            raise argparse.ArgumentTypeError(f'{n} needs the {LOGGERS[n][0]} package: pip install {LOGGERS[n][1]}')
+    return list(dict.fromkeys(names))
+
+
 def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None) -> None:
     p.add_argument('--device', choices=['auto', 'cpu', 'cuda', 'mps'], default='auto',
                    help='where to train; auto: mps, else cuda, else cpu (default: auto)')
@@ -109,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f'{DEFAULT_LR["adamw"]} for adamw)')
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.add_argument('--log', type=_loggers, default=[], metavar='NAMES',
+                     help='log the run to each of these, comma-separated: csv (history.csv) and tensorboard '
+                          '(tensorboard/) in the run folder, wandb (W&B project "ultraloop"; WANDB_MODE=offline works '
+                          'without a network), mlflow (MLFLOW_TRACKING_URI, else MLflow\'s default store)')
     fit.add_argument('--checkpoint-dir', type=Path, default=None, metavar='DIR',
                      help='write a checkpoint to DIR at every epoch end and on ctrl-C, SIGTERM or SIGUSR1 (CheckpointCB), '
                           'keeping the newest 2, and go on from the newest there (see --fresh). Stopped by SIGTERM or '
@@ -345,6 +364,7 @@ def _fit(args) -> int:
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
+    learn.add_cbs(_logger_cbs(args, out))
     resume, ck, stop, newest = None, args.checkpoint_dir, None, None
     if args.early_stop is not None:
         from .callbacks import EarlyStoppingCB
@@ -392,6 +412,18 @@ def _again(args) -> str:
     argv = [a for a in args.argv if a != '--fresh']
     if 'LOCAL_RANK' in os.environ: return 'the same torchrun command'
     return 'the same command, ' + shlex.join(['ultraloop', *argv]) + ','
+
+
+def _logger_cbs(args, out: Path) -> list:
+    """The callbacks --log asks for: CSV and TensorBoard files in the run folder, a W&B run (its files in the run
+    folder too) or an MLflow run named after the run folder, with the command's options as hyper-parameters."""
+    from . import callbacks as cbs
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if v is not None and k not in ('run', 'parser', 'made', 'debug', 'log', 'argv')}
+    made = {'csv': lambda: cbs.CSVLoggerCB(out / 'history.csv'), 'tensorboard': lambda: cbs.TensorBoardCB(out / 'tensorboard'),
+            'wandb': lambda: cbs.WandbCB(project='ultraloop', name=out.name, config=options, dir=str(out)),
+            'mlflow': lambda: cbs.MLflowCB(run_name=out.name, params=options)}
+    return [made[n]() for n in args.log]
 
 
 def _save_weights(model, path: Path) -> None:

@@ -81,12 +81,21 @@ class CheckpointCB(MonitorCB):
         sd = learn.state_dict()  # holds this callback's state as it is now, this file counted (every process: a collective)
         if not self._main: return
         state.save_file(sd, path)
+        self._written(learn, path)
         for f in drop: (self.dir / f).unlink(missing_ok=True)
 
     @property
     def resume_dir(self) -> Path:
         """The folder `fit(resume='auto')` goes on from."""
         return self.dir
+
+    def _written(self, learn, path: Path) -> None:
+        """Hand the file just put in place to every callback with a `log_checkpoint(learn, path, best)` method (the
+        trackers, Ray Train's report), in callback order; `best`: it is the new `best_path`. Called once per file, in
+        the training thread, in the main process (the one that writes), once the file is complete."""
+        best = self.best_path is not None and path == self.best_path
+        for cb in sorted(learn.cbs, key=lambda cb: getattr(cb, 'order', 0)):
+            if cb is not self and callable(f := getattr(cb, 'log_checkpoint', None)): f(learn, path, best)
 
     def state_dict(self) -> dict:
         return {'seq': self._seq, 'files': list(self.files), 'batches': self._batches, 'best': self.best,
