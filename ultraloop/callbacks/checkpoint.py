@@ -49,7 +49,8 @@ class CheckpointCB(MonitorCB):
         if on_error not in ('stop', 'warn'):
             raise ValueError(f"CheckpointCB: on_error must be 'stop' (end the fit when a write fails) or 'warn' (warn "
                              f"once and train on), got {on_error!r}")
-        if not isinstance(background, bool): raise TypeError(f'CheckpointCB: background must be True or False, got {background!r}')
+        if not isinstance(background, bool):
+            raise TypeError(f'CheckpointCB: background must be True or False, got {background!r}')
         self.every_batches, self.keep = every_batches, check_int('CheckpointCB: keep', keep, 1)
         self.on_error, self.background = on_error, background
         self.files: list[str] = []  # this run's checkpoints still on disk, oldest first
