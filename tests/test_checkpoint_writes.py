@@ -191,9 +191,10 @@ CONFIGS = {
     # killed in epoch 1's valid phase: the train row of epoch 1 was logged after the newest checkpoint (epoch1-train9)
     'logs_kill_in_valid': dict(loader='tensor', dropout=True, every=4, kill=31, csv=True, tb=True,
                                newest=['epoch1-train9']),
-    # background writes: the 3rd write dies at a random point of its bytes; the newest complete is the 2nd
-    'background_dies_in_write': dict(loader='tensor', dropout=True, every=3, background=True, crash_write=3,
-                                     fraction=_rng.random(), newest=['epoch0-train6']),
+    # background writes: a write drawn at random dies half-way, while the loop is wherever it is; the newest complete
+    # is the one before it
+    'background_dies_in_write': dict(loader='tensor', dropout=True, every=3, background=True,
+                                     crash_write=_rng.randrange(2, 10)),
     # killed just after a save handed its write to the thread: that file or the one before it is the newest
     'background_killed_after_save': dict(loader='dl', sgd=True, every=3, background=True, kill=9,
                                          newest=['epoch0-train9', 'epoch0-train6']),
@@ -235,7 +236,9 @@ def test_killed_run_leaves_a_complete_checkpoint_and_its_resume_equals_the_unint
     cks = [n for n in f['files'] if state.checkpoint_seq(Path(n)) is not None]
     assert cks and f['load'] == cks, f  # every checkpoint file the kill left loads: complete
     if 'newest' in cfg: assert any(cks[-1].endswith(f'-{n}.pt') for n in cfg['newest']), f
-    if cfg.get('crash_write'): assert any(n.endswith('.tmp') for n in f['files']), f  # the write really was cut
+    if cfg.get('crash_write'):  # the write really was cut, and the newest complete checkpoint is the one before it
+        cut = [Path(n[1:].rsplit('.', 2)[0]) for n in f['files'] if n.endswith('.tmp')]  # .<name>.<pid>.tmp
+        assert len(cut) == 1 and state.checkpoint_seq(Path(cks[-1])) + 1 == state.checkpoint_seq(cut[0]), f
     ref_cfg = {**cfg, 'dir': str(tmp_path / 'ref'), 'csv': cfg.get('csv') and str(tmp_path / 'ref.csv'),
                'tb': cfg.get('tb') and str(tmp_path / 'ref-tb')}
     learn, fit = writes_child.build(ref_cfg)

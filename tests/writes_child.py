@@ -3,10 +3,9 @@ checkpoints written in the background.
 
 `python writes_child.py CONFIGS.json OUT_DIR` forks, for each configuration, a process that trains and is SIGKILLed at
 the end of its `kill`-th batch (train and valid batches counted), or inside its `crash_write`-th checkpoint write
-after `fraction` of the file's bytes (in the background thread, for a background write); then, for each, a fresh fork
+(in the background thread, for a background write, wherever the loop is then); then, for each, a fresh fork
 of this process (which never trained) resumes from the folder and saves its result in OUT_DIR/<name>.pt. It prints
 each killed run's fate as JSON: how it died, the files it left, which of them load."""
-import io
 import json
 import os
 import signal
@@ -43,23 +42,8 @@ def result(learn) -> dict:
     return {**resume_child.result(learn), 'batch_losses': learn.metrics.batch_losses}
 
 
-def _crash_inside_write(at: int, fraction: float) -> None:
-    """The `at`-th checkpoint write dies after `fraction` of its bytes reached the temporary file."""
-    save, n = torch.save, [0]
-
-    def dying_save(obj, f):
-        n[0] += 1
-        if n[0] < at: return save(obj, f)
-        buf = io.BytesIO()
-        save(obj, buf)
-        f.write(buf.getvalue()[:int(len(buf.getvalue()) * fraction)])
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    state.torch.save = dying_save
-
-
 def _run_killed(cfg: dict) -> None:
-    if cfg.get('crash_write'): _crash_inside_write(cfg['crash_write'], cfg['fraction'])
+    if cfg.get('crash_write'): resume_child._crash_inside_write(cfg['crash_write'])  # half its bytes written
     learn, fit = build(cfg)
     if cfg.get('kill'): learn.add_cb(KillAtBatch(cfg['kill']))
     fit()
