@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ class CheckpointCB(MonitorCB):
         self._seq = self._first = self._batches = 0
         self._due = self._new_best = self._warned = False
         self._main = True
-        self._write: _Write | None = None  # the background write in flight
+        self._write: tuple | None = None  # the background write in flight: (future, path, bookkeeping before it)
+        self._writer: ThreadPoolExecutor | None = None  # one thread, made at the first background write of a fit
         self._buffers: list[torch.Tensor] = []  # host copies a background write reuses
 
     def before_fit(self, learn):
@@ -80,7 +82,7 @@ class CheckpointCB(MonitorCB):
 
     def cleanup_batch(self, learn):
         # here, after the other callbacks' cleanup_batch (a gradient scaler's update), the batch is wholly done
-        if self._write is not None and not self._write.is_alive(): self._finish(learn)  # a finished write: one test a batch
+        if self._write is not None and self._write[0].done(): self._finish(learn)  # a finished write: one test a batch
         if self._due or learn.interrupted: self._save(learn)
         self._due = False
 
@@ -93,7 +95,9 @@ class CheckpointCB(MonitorCB):
     def cleanup_fit(self, learn):
         try:
             if self._write is not None: self._finish(learn)  # the last write is complete when fit returns
-        finally: self._buffers = []
+        finally:
+            if self._writer is not None: self._writer.shutdown()
+            self._writer, self._buffers = None, []
 
     def _save(self, learn) -> None:
         self._due = False
@@ -108,29 +112,30 @@ class CheckpointCB(MonitorCB):
         self.last_path = path
         sd = learn.state_dict()  # holds this callback's state as it is now, this file counted (every process: a collective)
         if not self._main: return
-        if self.background: self._write = _Write(self._host_copy(sd), path, before)
-        else:
-            try: state.save_file(sd, path)
-            except OSError as e: return self._failed(path, before, e)
-            self._written(learn, path)
+        # what the file supersedes, pruned once it is complete: this run's files not kept (any a crash left included)
+        prune = partial(_prune, self.dir, {*self.files, *([self.best_path.name] if self.best_path else [])}, self._first,
+                        self._seq)
+        if self.background:
+            if self._writer is None: self._writer = ThreadPoolExecutor(1, thread_name_prefix='ultraloop-checkpoint')
+            sd, event = self._host_copy(sd)
+            self._write = self._writer.submit(_write, sd, event, path, prune), path, before
+            return
+        try: state.save_file(sd, path)
+        except OSError as e: return self._failed(path, before, e)
+        self._written(learn, path)
+        prune()
 
     def _finish(self, learn) -> None:
         """Wait for the background write, then treat its outcome as a synchronous write's."""
-        w, self._write = self._write, None
-        w.join()
-        if w.error is None: return self._written(learn, w.path)
-        if isinstance(w.error, OSError): return self._failed(w.path, w.before, w.error)
-        raise w.error
+        (future, path, before), self._write = self._write, None
+        try: future.result()
+        except OSError as e: return self._failed(path, before, e)
+        self._written(learn, path)
 
     def _written(self, learn, path: Path) -> None:
         """The checkpoint at `path` is complete on disk (renamed into place, folder fsynced): called once per file, in
-        the loop's thread. Only now is what it supersedes pruned: the files this run numbered that are not among those
-        kept (including any a crash kept from being pruned)."""
-        kept = {*self.files, *([self.best_path.name] if self.best_path is not None else [])}
-        for p in self.dir.iterdir():
-            seq = state.checkpoint_seq(p)
-            if seq is not None and self._first <= seq < self._seq and p.name not in kept: p.unlink(missing_ok=True)
-        state.remove_stale_tmp(self.dir, 'checkpoint-*')
+        the loop's thread, right after a synchronous write, or for a background write at the first batch end (or the
+        next save, or the fit's end) that finds it done."""
 
     def _failed(self, path: Path, before: tuple, e: OSError) -> None:
         self.files, self.best_path, self.last_path = before  # the file is not there: nothing counts it
@@ -171,7 +176,7 @@ class CheckpointCB(MonitorCB):
             seen[id(t)] = out
             return out
 
-        host = map_tensors(copy_one, sd, copy.deepcopy)
+        host = map_tensors(copy_one, sd, _copy_leaf)
         self._buffers = used
         event = None
         if stream is not None:
@@ -195,18 +200,22 @@ class CheckpointCB(MonitorCB):
     def __repr__(self) -> str: return f'{self.name}({str(self.dir)!r})'
 
 
-class _Write(threading.Thread):
-    """One background checkpoint write: waits for the copies to end (a CUDA event), then `state.save_file` (temporary
-    file, fsync, rename, folder fsync). Its error, if any, is kept for the loop's thread to handle."""
+def _copy_leaf(v):
+    return v if isinstance(v, (int, float, str, bytes, type(None))) else copy.deepcopy(v)  # atoms: nothing to copy
 
-    def __init__(self, copied: tuple, path: Path, before: tuple):
-        super().__init__(name=f'ultraloop checkpoint {path.name}')
-        (self.sd, self.event), self.path, self.before, self.error = copied, path, before, None
-        self.start()
 
-    def run(self) -> None:
-        try:
-            if self.event is not None: self.event.synchronize()
-            state.save_file(self.sd, self.path)
-        except BaseException as e: self.error = e
-        finally: self.sd = None
+def _write(sd: dict, event, path: Path, prune) -> None:
+    """A background write, in the writer thread: wait for the copies to end (a CUDA event), then `state.save_file`
+    (temporary file, fsync, rename, folder fsync), then prune."""
+    if event is not None: event.synchronize()
+    state.save_file(sd, path)
+    prune()
+
+
+def _prune(folder: Path, kept: set[str], first: int, end: int) -> None:
+    """Remove the checkpoints numbered `first` to `end - 1` (a run's) that are not `kept`, and the temporary files of
+    crashed writes."""
+    for p in folder.iterdir():
+        seq = state.checkpoint_seq(p)
+        if seq is not None and first <= seq < end and p.name not in kept: p.unlink(missing_ok=True)
+    state.remove_stale_tmp(folder, 'checkpoint-*')
