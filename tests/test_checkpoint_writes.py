@@ -75,6 +75,12 @@ def test_a_full_disk_stops_the_run_in_one_line_keeping_the_previous_checkpoint(t
     assert e.value.__suppress_context__  # no 44-line chained RuntimeError from torch's writer
     assert listing(tmp_path) == ['checkpoint-000000-epoch0-train3.pt', 'checkpoint-000001-epoch0-train6.pt']
     assert cb.last_path.name == 'checkpoint-000001-epoch0-train6.pt'
+    if not background:  # learn.save_state on a full disk: the same one line, no temporary file left
+        full_disk_at(monkeypatch, {1})
+        with pytest.raises(OSError, match=rf'^\[Errno 28\] cannot write s.pt in {tmp_path} \(No space left on device; '
+                                          rf'[\d.]+ (bytes|KB|MB|GB) free there\)$'):
+            learn.save_state(tmp_path / 's.pt')
+        assert listing(tmp_path) == ['checkpoint-000000-epoch0-train3.pt', 'checkpoint-000001-epoch0-train6.pt']
     monkeypatch.undo()  # space freed: the run goes on from the kept checkpoint and ends as the uninterrupted one
     learn.fit(2, resume=tmp_path)
     ref, _ = make(tmp_path / 'ref')

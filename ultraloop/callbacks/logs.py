@@ -67,14 +67,14 @@ class CSVLoggerCB(Callback):
     `path`, flushed as it is written; floats are written with the fewest digits that give back their float32 value
     (1.0000001, not 1.0000001192092896). A run that finds the file appends to it, header once; a file whose header
     differs, or that is not a CSV file, is refused before any batch runs. Under several processes only the main one
-    writes. Its state is the file's length after the last row, so a resumed run first cuts off the rows written after
-    the checkpoint it resumes from (they are written again): no row appears twice."""
+    writes. Its state is the file's length after the last row, so a run resumed with `fit(resume=...)` first cuts off
+    the rows written after the checkpoint it resumes from (they are written again): no row appears twice."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
         if (problem := _csv_problem(self.path)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
-        self._file, self._size, self._cut = None, None, None
+        self._file, self._size = None, None
 
     def before_fit(self, learn):
         cols = _need_metrics(self, learn).columns
@@ -82,7 +82,6 @@ class CSVLoggerCB(Callback):
         if (problem := _csv_problem(self.path, cols)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, 'a', newline='', encoding='utf-8')
-        if self._cut is not None: self._truncate()  # a state loaded before this fit (learn.load_state)
         self._writer = csv.DictWriter(self._file, fieldnames=cols)
         if self._file.tell() == 0: self._writer.writeheader()
         self._file.flush()
@@ -100,13 +99,10 @@ class CSVLoggerCB(Callback):
     def state_dict(self) -> dict: return {'size': self._size}
 
     def load_state_dict(self, s: dict) -> None:
-        self._cut = s['size']
-        if self._file is not None: self._truncate()  # resuming: the file is open since before_fit
-
-    def _truncate(self) -> None:
-        """Cut the file to the length the loaded state recorded (never longer: a file cut by hand stays as it is)."""
-        size, self._cut = self._cut, None
-        if size is None or size >= self._file.tell(): return
+        """Resuming (in a fit, where the file is open since before_fit): cut the file to the length the state recorded
+        (never longer: a file cut by hand stays as it is). Outside a fit (learn.load_state) the file is left alone."""
+        size = s['size']
+        if self._file is None or size is None or size >= self._file.tell(): return
         self._file.flush()
         self._file.truncate(size)
         self._file.seek(size)
