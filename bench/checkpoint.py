@@ -8,8 +8,10 @@ parameter), in one process, on CPU (and on a GPU with `--device cuda`):
   reused host buffers, handing the write to the thread, noticing the previous write's end and pruning), median.
 - `lost_s`: what the fit loses per checkpoint in all: (fit time with background checkpoints - the same fit without
   checkpoints) / checkpoints; it also counts the writer thread's competition for the CPU and the GIL.
-Checkpoints come every k batches, k chosen so that about 2 synchronous saves' time passes between two (a write
-longer than that would make the next checkpoint wait, which the stall counts). Goal: `stall_s` <= 10% of
+- `wait_s`: the part of the stall spent waiting for the previous write to end (median; `waits_s` lists each).
+Checkpoints come every k batches, k chosen so that about 3 synchronous saves' time passes between two; a background
+write that takes longer than that (the writer thread shares the CPU with training) makes the next checkpoint wait,
+which the stall counts. Goal: `stall_s` <= 10% of
 `sync_save_s` at 100M parameters.
 
 Run: `python bench/checkpoint.py [--sizes 1,10,100] [--saves 5] [--threads 1] [--dir /tmp/ckbench] [--device cpu]`.
@@ -53,7 +55,13 @@ class TimedCheckpointCB(U.CheckpointCB):
 
     def before_fit(self, learn):
         super().before_fit(learn)
-        self.stalls, self.between = [], 0.0
+        self.stalls, self.waits, self.between = [], [], 0.0
+
+    def _save(self, learn):
+        t = time.perf_counter()
+        if self._write is not None: self._finish(learn)  # the previous write is not done yet: the loop waits for it
+        self.waits.append(time.perf_counter() - t)
+        super()._save(learn)
 
     def cleanup_batch(self, learn):
         t, saving = time.perf_counter(), self._due or learn.interrupted
@@ -96,7 +104,7 @@ def sync_saves(millions: int, saves: int, folder: Path, device: str) -> tuple[fl
     return statistics.median(times[-saves:]), batch, sum(p.numel() for p in learn.model.parameters())
 
 
-def background(millions: int, saves: int, every: int, folder: Path, device: str) -> tuple[list[float], float]:
+def background(millions: int, saves: int, every: int, folder: Path, device: str) -> tuple[list[float], list[float], float]:
     """The stall of each background checkpoint (the other batches' time in CheckpointCB shared out among them), and
     the fit time lost per checkpoint (the wait for the last write at the fit's end included)."""
     n = every * (saves + 1) - 1  # the epoch-end checkpoint comes every - 1 batches after the last periodic one
@@ -112,7 +120,7 @@ def background(millions: int, saves: int, every: int, folder: Path, device: str)
     t = time.perf_counter()
     learn.fit(1, valid=False)
     t_ck = time.perf_counter() - t
-    return [x + cb.between / len(cb.stalls) for x in cb.stalls], (t_ck - t_plain) / len(cb.stalls)
+    return [x + cb.between / len(cb.stalls) for x in cb.stalls], cb.waits, (t_ck - t_plain) / len(cb.stalls)
 
 
 def main(argv=None) -> None:
@@ -132,12 +140,13 @@ def main(argv=None) -> None:
     try:
         for m in map(int, args.sizes.split(',')):
             sync, batch, n_params = sync_saves(m, args.saves, folder, args.device)
-            every = max(1, math.ceil(2 * sync / batch))
-            stalls, lost = background(m, args.saves, every, folder, args.device)
-            stall = statistics.median(stalls)
+            every = max(1, math.ceil(3 * sync / batch))
+            stalls, waits, lost = background(m, args.saves, every, folder, args.device)
+            stall, wait = statistics.median(stalls), statistics.median(waits)
             print(json.dumps({'params_m': round(n_params / 1e6, 1), 'state_mb': round(n_params * 8 / 1e6),
                               'sync_save_s': round(sync, 4), 'stall_s': round(stall, 4),
-                              'stall_vs_sync': round(stall / sync, 3), 'lost_s': round(lost, 4),
+                              'stall_vs_sync': round(stall / sync, 3), 'wait_s': round(wait, 4),
+                              'waits_s': [round(w, 3) for w in waits], 'lost_s': round(lost, 4),
                               'lost_vs_sync': round(lost / sync, 3), 'every': every, 'batch_s': round(batch, 4),
                               'checkpoints': len(stalls), **where}), flush=True)
     finally:
