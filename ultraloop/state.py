@@ -3,11 +3,14 @@ in one place, and the checkpoint files that carry it: written atomically, read w
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
+import time
 import uuid
 import warnings
 import zipfile
@@ -596,9 +599,12 @@ class Resume:
 def save_file(obj, path: str | os.PathLike) -> Path:
     """torch.save `obj` to `path` atomically: into a temporary file in the same folder, flushed and fsynced, renamed
     over `path` (os.replace), then the folder fsynced. A crash at any moment leaves the old file, or the new one,
-    whole; the temporary file (`.<name>.<pid>.tmp`) is never taken for a checkpoint."""
+    whole; the temporary file (`.<name>.<pid>.tmp`) is never taken for a checkpoint, and one a crashed write left is
+    removed by the next write of the same name. A failed write (a full disk, an I/O error, a read-only folder) removes
+    its temporary file and raises a one-line OSError naming the file, the reason and the space left."""
     path = Path(path)
     obj = with_checksum(obj)
+    remove_stale_tmp(path.parent, glob.escape(path.name))
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -606,11 +612,58 @@ def save_file(obj, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        if (cause := _os_error(e)) is None: raise
+        raise write_error(path, cause) from None
     _fsync_dir(path.parent)
     return path
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` itself, or the one torch's writer met (it raises a RuntimeError
+    'unexpected pos' with the OSError as its context)."""
+    while e is not None:
+        if isinstance(e, OSError): return e
+        e = e.__context__
+    return None
+
+
+def write_error(path: Path, e: OSError) -> OSError:
+    """A one-line OSError for a file that could not be written: the reason and how much space its folder has left."""
+    try: free = f'{_size(shutil.disk_usage(path.parent).free)} free there'
+    except OSError: free = 'free space unknown'
+    return OSError(e.errno, f'cannot write {path.name} in {path.parent} ({e.strerror or e}; {free})')
+
+
+def _size(n: int) -> str:
+    for unit in ('bytes', 'KB', 'MB', 'GB'):
+        if n < 1000 or unit == 'GB': return f'{n} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+        n /= 1000
+    return f'{n:.1f} TB'
+
+
+_STALE_AFTER = 3600  # s: a temporary file untouched this long is stale whatever wrote it (another machine's process)
+
+
+def remove_stale_tmp(folder: Path, pattern: str) -> None:
+    """Remove the temporary files `save_file` left in `folder` for files named as `pattern` (a glob) when a crash
+    ended their write: those whose process is no longer alive on this machine, or untouched for an hour. A write in
+    progress (this process's, another live one's) keeps its file."""
+    if not folder.is_dir(): return
+    for tmp in folder.glob(f'.{pattern}.*.tmp'):
+        pid = tmp.name.rsplit('.', 2)[-2]
+        try: stale = (pid.isdigit() and not _alive(int(pid))) or time.time() - tmp.stat().st_mtime > _STALE_AFTER
+        except OSError: continue  # gone meanwhile
+        if stale: tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == 'nt': return True  # Windows' os.kill(pid, 0) would send a ctrl-C: age decides
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True  # it exists, owned by another user
+    return True
 
 
 def _fsync_dir(d: Path) -> None:

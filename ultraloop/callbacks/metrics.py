@@ -116,8 +116,9 @@ class _Rows:
         self.n = n + k
 
     def state(self) -> dict | None:
-        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
-        return None if self.p is None else {'p': self.p[:self.n], 'y': self.y[:self.n], 'cap': self.cap}
+        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks. Copies:
+        torch.save writes a slice's whole storage (the chunk, `nbytes`), whatever the slice holds."""
+        return None if self.p is None else {'p': self.p[:self.n].clone(), 'y': self.y[:self.n].clone(), 'cap': self.cap}
 
     def load(self, s: dict | None, device) -> None:
         self.p = self.y = None
@@ -150,11 +151,16 @@ class _BatchLosses:
         self.pending.append(loss)
         if len(self.pending) == 64: self.chunks.append(torch.stack(self.pending)); self.pending = []
 
+    def held(self) -> torch.Tensor | None:
+        """The phase's losses so far as one device tensor (no host sync), or None."""
+        if self.pending: self.chunks.append(torch.stack(self.pending)); self.pending = []
+        if len(self.chunks) > 1: self.chunks = [torch.cat(self.chunks)]
+        return self.chunks[0] if self.chunks else None
+
     def take(self) -> list[float]:
-        if self.pending: self.chunks.append(torch.stack(self.pending))
-        out = torch.cat(self.chunks).tolist() if self.chunks else []
-        self.pending, self.chunks = [], []
-        return out
+        held = self.held()
+        self.chunks = []
+        return [] if held is None else held.tolist()
 
 
 class MetricsCB(Callback):
@@ -171,8 +177,9 @@ class MetricsCB(Callback):
     torchmetrics and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value
     depends on how the samples are split into batches (a running mean over a window of batches).
 
-    `state_dict()` holds `history` and, inside a phase, what the phase has gathered so far (the loss sum, each metric's
-    state and the buffered rows), so a run resumed mid-phase reports the numbers it would have. A metric's state is
+    `state_dict()` holds `history`, `batch_losses` and, inside a phase, what the phase has gathered so far (the loss
+    sum, each metric's state, the buffered rows, each batch's loss), so a run resumed mid-phase reports the numbers it
+    would have and its plot has every batch's loss. A metric's state is
     read through torchmetrics' `metric_state` or the metric's own `state_dict`/`load_state_dict` (torcheval)."""
     order = 0
     buffer_bytes = 2**20  # device memory holding predictions and targets between metric updates; a metric's update may
@@ -285,20 +292,26 @@ class MetricsCB(Callback):
             for row in self.history: self._print(learn, row)
 
     def state_dict(self) -> dict:
-        s = {'history': [dict(r) for r in self.history], 'phase': None}
+        # batch_losses as one float64 tensor (Python floats are float64: exact), not a list of pairs, in every checkpoint
+        s = {'history': [dict(r) for r in self.history], 'phase': None,
+             'batch_losses': torch.tensor(self.batch_losses, dtype=torch.float64).reshape(-1, 2)}
         if getattr(self, '_in_phase', False):
             total = self.loss.total
             s['phase'] = {'loss': {'total': total, 'weight': self.loss.weight}, 'rows': self._rows.state(), 'left': self._left,
+                          'batch_losses': self._batch.held(),
                           'device': str(total.device) if total is not None else 'cpu',
                           'metrics': {k: _metric_state(k, m) for k, m in self.metrics.items()}}
         return s
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [dict(r) for r in state['history']]
+        if 'batch_losses' in state: self.batch_losses = [tuple(r) for r in state['batch_losses'].tolist()]
         ph = state['phase']
         if ph is None: return
         dev = torch.device(ph['device'])  # where the phase's batches are (a checkpoint is read onto the CPU)
         if dev.type == 'cuda' and not torch.cuda.is_available(): dev = torch.device('cpu')
+        self._batch = _BatchLosses()
+        if ph.get('batch_losses') is not None: self._batch.chunks = [ph['batch_losses'].to(dev)]
         total = ph['loss']['total']
         self.loss.total, self.loss.weight = None if total is None else total.to(dev), ph['loss']['weight']
         self._rows = _Rows(self.buffer_bytes)
