@@ -1,16 +1,17 @@
 """One training script for elastic restarts and for changing the number of processes on resume, run by tests/test_elastic.py
 and bench/elastic.py under torchrun (or in one process):
 
-    elastic_child.py OUT FOLDER LOADER EPOCHS BS [--kill SPEC]
+    elastic_child.py OUT FOLDER LOADER EPOCHS BS [FOLDER LOADER EPOCHS BS ...] [--kill SPEC]
 
-trains a float64 MLP with `fit_one_cycle` (DistributedCB, CheckpointCB into FOLDER every 2 train batches), going on
-from FOLDER's newest checkpoint when it holds one, as a script relaunched by `torchrun --max-restarts` must; LOADER is
-'tensors' (DataLoaders.from_tensors) or 'torch' (shuffled torch DataLoaders); BS is per process. At the end each rank
-writes OUT/result-rank<r>.pt: weights, optimiser, metric history, the lrs the schedule gave.
+runs one fit per FOLDER, in order: a float64 MLP trained with `fit_one_cycle` (DistributedCB, CheckpointCB into
+FOLDER every 2 train batches), going on from FOLDER's newest checkpoint when it holds one, as a script relaunched by
+`torchrun --max-restarts` must; LOADER is 'tensors' (DataLoaders.from_tensors) or 'torch' (shuffled torch
+DataLoaders); BS is per process. After each fit every rank writes OUT/<FOLDER's name>-rank<r>.pt: weights, optimiser,
+metric history, the lrs the schedule gave, and the checkpoint it resumed from.
 `--kill SPEC`, in the first round only (TORCHELASTIC_RESTART_COUNT 0): 'batch:R:K' SIGKILLs rank R before its train
 batch K (counted over the fit); 'save:R:K' SIGKILLs rank R inside its K-th checkpoint (rank 0 half way through writing
-the file, another rank once its parts are gathered). Each process notes its pid in OUT/pid-rank<r>-round<n>, so a
-campaign can SIGKILL one at a random moment from outside."""
+the file, another rank once its parts are gathered). Before a planned kill the time goes to OUT/killed-at. Each process
+notes its pid in OUT/pid-rank<r>-round<n>, so a campaign can SIGKILL one at a random moment from outside."""
 import io
 import os
 import signal
@@ -40,21 +41,18 @@ def loaders(kind: str, bs: int):
                        DataLoader(TensorDataset(xv, yv), batch_size=bs))
 
 
-def learner(folder, kind: str, bs: int, timeout: float = 30.0):
+def learner(folder, kind: str, bs: int, timeout: float = 60.0):
     from functools import partial
-
-    from torcheval.metrics import MulticlassAccuracy
 
     from ultraloop import CheckpointCB, DistributedCB, Learner, MetricsCB, TrainCB
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(N_IN, 16), nn.ReLU(), nn.Linear(16, N_OUT)).double()
-    cbs = [TrainCB(), MetricsCB(acc=MulticlassAccuracy(num_classes=N_OUT)), DistributedCB(timeout=timeout),
-           CheckpointCB(folder, every_batches=2, keep=3)]
+    cbs = [TrainCB(), MetricsCB(), DistributedCB(timeout=timeout), CheckpointCB(folder, every_batches=2, keep=99)]
     return Learner(model, loaders(kind, bs), F.cross_entropy, lr=0.1, cbs=cbs,
                    opt_func=partial(torch.optim.SGD, momentum=0.9))
 
 
-def train(out: Path, folder: Path, kind: str, epochs: int, bs: int) -> dict:
+def train(folder: Path, kind: str, epochs: int, bs: int) -> dict:
     """The run: resumed from `folder`'s newest checkpoint when there is one. Returns what the tests compare."""
     from ultraloop.state import newest_checkpoint
     learn = learner(folder, kind, bs)
@@ -111,8 +109,13 @@ class _Killer:
         return []
 
 
-def _die(): os.kill(os.getpid(), signal.SIGKILL)
+def _die():
+    import time
+    (OUT / 'killed-at').write_text(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
+
+OUT = Path('.')
 
 if __name__ == '__main__':
     torch.set_num_threads(1)
@@ -121,10 +124,13 @@ if __name__ == '__main__':
     if '--kill' in args:
         i = args.index('--kill')
         kill, args = args[i + 1], args[:i] + args[i + 2:]
-    out, folder, kind, epochs, bs = Path(args[0]), Path(args[1]), args[2], int(args[3]), int(args[4])
+    OUT = Path(args[0])
     rank, restart = int(os.environ.get('RANK', 0)), int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'pid-rank{rank}-round{restart}').write_text(str(os.getpid()))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f'pid-rank{rank}-round{restart}').write_text(str(os.getpid()))
+    if os.environ.get('ULTRALOOP_ONE_PREFIX'):  # bench/elastic.py --unfixed: one store prefix for every round, for comparison
+        import ultraloop.callbacks.distributed as D
+        D._prefix = lambda group: f'ultraloop/{group}'
     if kill is not None and restart == 0:
         import ultraloop.learner as L
         extra = _Killer(kill, rank).install()
@@ -133,5 +139,6 @@ if __name__ == '__main__':
 
             def fit(self, *a, cbs=None, **kw): return add(self, *a, cbs=[*(cbs or []), *extra], **kw)
             L.Learner.fit = fit
-    res = train(out, folder, kind, epochs, bs)
-    torch.save(res, out / f'result-rank{rank}.pt')
+    for j in range(1, len(args), 4):
+        folder, kind, epochs, bs = Path(args[j]), args[j + 1], int(args[j + 2]), int(args[j + 3])
+        torch.save(train(folder, kind, epochs, bs), OUT / f'{folder.name}-rank{rank}.pt')
