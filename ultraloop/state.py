@@ -244,15 +244,15 @@ def check_processes(learn, sd: dict, what: str) -> None:
     pos = sd['position']
     if pos['in_phase']:
         raise ValueError(f'{what} was taken inside a phase (epoch {pos["epoch"]}, {pos["phase"]} batch {pos["batch"]}) '
-                         f'by {n} processes, and {m} would resume it: resume it with {n} processes, or from a checkpoint '
+                         f'by {_procs(n)}, and {m} would resume it: resume it with {_procs(n)}, or from a checkpoint '
                          f"taken at an epoch's end (CheckpointCB writes one at every epoch's end)")
     dl = _phase_loader(learn, 'train')
     old, new = saved['bs'], _batch_size(dl)
     if old is not None and new is not None and old * n != new * m:
         fix = (f'give each process bs={old * n // m}' if old * n % m == 0 else
                f'{old * n} does not divide by {m} processes: resume with a number of processes that divides it')
-        raise ValueError(f'{what} was saved by {n} processes of bs {old} (a global batch of {old * n}); {m} processes of '
-                         f'bs {new} make a global batch of {new * m}: to go on with the same batches, {fix}')
+        raise ValueError(f'{what} was saved by {_procs(n)} of bs {old} (a global batch of {old * n}); {_procs(m)} of bs '
+                         f'{new} make{"s" if m == 1 else ""} a global batch of {new * m}: to go on with the same batches, {fix}')
     # a shuffled torch DataLoader draws its order one way when DistributedCB cuts it (a DistributedSampler, also in a
     # torchrun group of one) and another in a plain process (its RandomSampler): the run goes on, in another order
     import torch.distributed as dist
@@ -261,11 +261,14 @@ def check_processes(learn, sd: dict, what: str) -> None:
         kind = 'distributed'
     if saved.get('sampler') != kind and 'own' in (saved.get('sampler'), kind):
         import warnings
-        warnings.warn(f'{what} was saved by {n} processes whose shuffled train DataLoader drew its order '
+        warnings.warn(f'{what} was saved by {_procs(n)} whose shuffled train DataLoader drew its order '
                       f'{_DRAWN[saved.get("sampler")]}; here it draws it {_DRAWN[kind]}, so the batches after the resume '
                       f'differ from the run\'s: run both under torchrun (--nproc-per-node 1 for one process), or use a '
                       f'TensorLoader (DataLoaders.from_tensors), whose order is the same in any number of processes',
                       stacklevel=3)
+
+
+def _procs(n: int) -> str: return f'{n} process' if n == 1 else f'{n} processes'
 
 
 _DRAWN = {'distributed': "by DistributedSampler (DistributedCB's cut)", 'own': 'by its own RandomSampler (no cut)',
