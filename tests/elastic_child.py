@@ -1,21 +1,24 @@
 """One training script for elastic restarts and for changing the number of processes on resume, run by tests/test_elastic.py
 and bench/elastic.py under torchrun (or in one process):
 
-    elastic_child.py OUT FOLDER LOADER EPOCHS BS [FOLDER LOADER EPOCHS BS ...] [--kill SPEC]
+    elastic_child.py OUT FOLDER LOADER EPOCHS BS [FOLDER LOADER EPOCHS BS ...] [--kill SPEC[,SPEC...]]
 
 runs one fit per FOLDER, in order: a float64 MLP trained with `fit_one_cycle` (DistributedCB, CheckpointCB into
 FOLDER every 2 train batches), going on from FOLDER's newest checkpoint when it holds one, as a script relaunched by
 `torchrun --max-restarts` must; LOADER is 'tensors' (DataLoaders.from_tensors) or 'torch' (shuffled torch
-DataLoaders); BS is per process. After each fit every rank writes OUT/<FOLDER's name>-rank<r>.pt: weights, optimiser,
-metric history, the lrs the schedule gave, and the checkpoint it resumed from.
-`--kill SPEC`, in the first round only (TORCHELASTIC_RESTART_COUNT 0): 'batch:R:K' SIGKILLs rank R before its train
-batch K (counted over the fit); 'save:R:K' SIGKILLs rank R inside its K-th checkpoint (rank 0 half way through writing
-the file, another rank once its parts are gathered). Before a planned kill the time goes to OUT/killed-at. Each process
-notes its pid in OUT/pid-rank<r>-round<n>, so a campaign can SIGKILL one at a random moment from outside."""
+DataLoaders); BS is per process; a FOLDER written '@FOLDER' is waited for (another process prepares it). After each
+fit every rank writes OUT/<FOLDER's name>-rank<r>.pt: weights, optimiser, metric history, the lrs the schedule gave,
+and the checkpoint it resumed from.
+`--kill SPECS`: the i-th of the comma-separated SPECS in round i (TORCHELASTIC_RESTART_COUNT; an empty one: no kill):
+'batch:R:K' SIGKILLs rank R before its K-th train batch of the round (counted over its fits); 'save:R:K' SIGKILLs rank
+R inside its K-th checkpoint of the round (rank 0 half way through writing the file, another rank once its parts are
+gathered). Before a planned kill the time goes to OUT/killed-at-round<n>. Each process notes its pid in
+OUT/pid-rank<r>-round<n>, so a campaign can SIGKILL one at a random moment from outside."""
 import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -110,12 +113,11 @@ class _Killer:
 
 
 def _die():
-    import time
-    (OUT / 'killed-at').write_text(repr(time.time()))
+    (OUT / f'killed-at-round{ROUND}').write_text(repr(time.time()))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-OUT = Path('.')
+OUT, ROUND = Path('.'), 0
 
 if __name__ == '__main__':
     torch.set_num_threads(1)
@@ -125,20 +127,24 @@ if __name__ == '__main__':
         i = args.index('--kill')
         kill, args = args[i + 1], args[:i] + args[i + 2:]
     OUT = Path(args[0])
-    rank, restart = int(os.environ.get('RANK', 0)), int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    rank, ROUND = int(os.environ.get('RANK', 0)), int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f'pid-rank{rank}-round{restart}').write_text(str(os.getpid()))
+    (OUT / f'pid-rank{rank}-round{ROUND}').write_text(str(os.getpid()))
     if os.environ.get('ULTRALOOP_ONE_PREFIX'):  # bench/elastic.py --unfixed: one store prefix for every round, for comparison
         import ultraloop.callbacks.distributed as D
         D._prefix = lambda group: f'ultraloop/{group}'
-    if kill is not None and restart == 0:
+    specs = [] if kill is None else kill.split(',')
+    if ROUND < len(specs) and specs[ROUND]:
         import ultraloop.learner as L
-        extra = _Killer(kill, rank).install()
+        extra = _Killer(specs[ROUND], rank).install()
         if extra:  # added to every fit of this process
             add = L.Learner.fit
 
             def fit(self, *a, cbs=None, **kw): return add(self, *a, cbs=[*(cbs or []), *extra], **kw)
             L.Learner.fit = fit
     for j in range(1, len(args), 4):
-        folder, kind, epochs, bs = Path(args[j]), args[j + 1], int(args[j + 2]), int(args[j + 3])
+        folder, kind, epochs, bs = Path(args[j].lstrip('@')), args[j + 1], int(args[j + 2]), int(args[j + 3])
+        for _ in range(6000 if args[j].startswith('@') else 0):
+            if folder.exists(): break
+            time.sleep(0.1)
         torch.save(train(folder, kind, epochs, bs), OUT / f'{folder.name}-rank{rank}.pt')
