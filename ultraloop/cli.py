@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -18,6 +19,7 @@ N_CLASSES = 10  # digits and FashionMNIST alike
 DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
+EXIT_RESUMABLE = 75  # stopped by SIGTERM/SIGUSR1 at a checkpoint: learner.EXIT_RESUMABLE (importing it would import torch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = sub.add_parser('fit', help='fit a model on digits or FashionMNIST', description='Fit a model, print the '
                          'metrics table (accuracy: the share of samples classified right) and save the metrics plot in '
-                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and batch. '
-                         'Started by torchrun (torchrun --nproc-per-node 2 -m ultraloop fit ...), the processes train '
+                         'the run folder. A NaN or inf loss stops the run with exit code 1, naming the epoch and '
+                         'batch; SIGTERM or SIGUSR1 stops it at the end of a batch (checkpointed with --checkpoint-dir) '
+                         f'with exit code {EXIT_RESUMABLE}. Started by torchrun (torchrun --nproc-per-node 2 -m '
+                         'ultraloop fit ...), the processes train '
                          'together (DistributedCB).')
     _add_data_model_options(fit)
     fit.add_argument('--epochs', type=_int_at_least(1), default=5, help='epochs to fit (default: 5)')
@@ -106,12 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
     fit.add_argument('--checkpoint-dir', type=Path, default=None, metavar='DIR',
-                     help='write a checkpoint to DIR at every epoch end and on ctrl-C (CheckpointCB), keeping the newest 2')
+                     help='write a checkpoint to DIR at every epoch end and on ctrl-C, SIGTERM or SIGUSR1 (CheckpointCB), '
+                          'keeping the newest 2, and go on from the newest there (see --fresh). Stopped by SIGTERM or '
+                          f'SIGUSR1, the command exits with code {EXIT_RESUMABLE}: stopped at a checkpoint, resumable')
     fit.add_argument('--every-batches', type=_int_at_least(1), default=None, metavar='K',
                      help='also checkpoint every K training batches (needs --checkpoint-dir)')
     fit.add_argument('--resume', action='store_true',
-                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped (give the '
-                          'options it was started with); with none there yet, start from the beginning')
+                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped; the '
+                          'default with --checkpoint-dir (kept for older command lines)')
+    fit.add_argument('--fresh', action='store_true',
+                     help='start from the beginning even when --checkpoint-dir holds checkpoints; without it the same '
+                          'command line, relaunched (SLURM --requeue, torchrun --max-restarts, after ctrl-C or SIGTERM), '
+                          'goes on from the newest checkpoint there, exactly, and starts afresh while there is none')
     fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
                      help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
@@ -257,6 +267,7 @@ def _train(learn, out: Path, run) -> int:
     """`run(extra_cbs)` fits; the metrics plot of the phases that finished is saved even on ctrl-C. A NaN or inf loss
     ends the fit (TerminateOnNaNCB) and the command with exit code 1, naming where it happened."""
     from .callbacks import TerminateOnNaNCB
+    from .learner import Preempted
     nan = TerminateOnNaNCB('stop')
 
     def plot() -> str:
@@ -267,7 +278,7 @@ def _train(learn, out: Path, run) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='(TerminateOnNaNCB|MetricsCB): ')  # said below, as the error
             run([nan])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         if saved := plot(): print(f'interrupted: {saved}')
         raise
     saved = plot()
@@ -312,8 +323,10 @@ def _demo(args) -> int:
 
 def _check_long_run_args(args) -> None:
     ck = args.checkpoint_dir
-    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume)):
+    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume),
+                        ('--fresh', args.fresh)):
         if given and ck is None: args.parser.error(f'{flag} needs --checkpoint-dir DIR, the folder of the checkpoints')
+    if args.resume and args.fresh: args.parser.error('--resume and --fresh contradict each other: give one (or neither: resume)')
     if ck is not None and ck.exists() and not ck.is_dir(): args.parser.error(f'--checkpoint-dir {ck} is a file; give a folder')
 
 
@@ -337,18 +350,27 @@ def _fit(args) -> int:
         from .callbacks import CheckpointCB
         from .state import newest_checkpoint
         learn.add_cb(CheckpointCB(ck, every_batches=args.every_batches))
-        newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
-        if newest is not None: resume = ck; print(f'resuming from {newest}')
-        elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
+        newest = newest_checkpoint(ck) if not args.fresh and ck.is_dir() else None
+        if newest is not None: print(f'resuming from {newest}')
+        elif not args.fresh: print(f'no checkpoint in {ck} yet: starting from the beginning')
+        if not args.fresh: resume = 'auto'  # the CheckpointCB's folder: the newest there, else a fresh start
 
     def run(cbs):
         try:
             if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, cbs=cbs, resume=resume)
             else: learn.fit(args.epochs, lr=lr, cbs=cbs, resume=resume)
         except KeyboardInterrupt:
-            if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
+            if ck is not None: print(f'checkpoint in {ck}: {_again(args)} goes on from there', file=sys.stderr)
             raise
-    if code := _train(learn, out, run): return code
+    from .learner import Preempted
+    try: code = _train(learn, out, run)
+    except Preempted as e:  # SIGTERM or SIGUSR1: fit printed where it stopped and the checkpoint
+        if _main_process():
+            print(f'ultraloop: stopped by {e.signal.name}, exit code {EXIT_RESUMABLE}: '
+                  + (f'{_again(args)} goes on from the checkpoint' if e.checkpoint is not None
+                     else 'without --checkpoint-dir there is no checkpoint to go on from'), file=sys.stderr)
+        return EXIT_RESUMABLE
+    if code: return code
     if stop is not None and stop.stopped_epoch is not None:
         print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
     print(f'valid: {_last_valid(learn)}')
@@ -357,6 +379,13 @@ def _fit(args) -> int:
         _save_weights(learn.model, args.save)
         print(f'weights: {args.save} (torch.load({str(args.save)!r}, weights_only=True) gives the state_dict)')
     return 0
+
+
+def _again(args) -> str:
+    """The command that goes on from the checkpoint: this one, without --fresh."""
+    argv = [a for a in args.argv if a != '--fresh']
+    if 'LOCAL_RANK' in os.environ: return 'the same torchrun command'
+    return 'the same command, ' + shlex.join(['ultraloop', *argv]) + ','
 
 
 def _save_weights(model, path: Path) -> None:
@@ -389,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     Only the errors a user can cause (ValueError, TypeError, OSError) are shortened to a line, and `--debug` shows
     them whole; any other exception, such as a bug in the library, propagates with its traceback."""
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()):
             return args.run(args)  # under torchrun only the main process prints

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from . import state
 from .utils import check_int, check_number, module_names
 
 __all__ = ['EVENTS', 'STEP_METHODS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelStepException', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
+           'CancelStepException', 'Preempted', 'EXIT_RESUMABLE', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
 
 # Every event, in the order a fit meets it, with what is true when it fires. The single list the loop,
 # the typo check, TraceCB and show_training_loop() read.
@@ -58,6 +59,28 @@ class CancelBatchException(Exception):
 class CancelStepException(Exception):
     """Raise in `after_backward` to skip this batch's `step()`, `after_step` and `zero_grad()`: the gradients stay,
     so the next backward adds to them (gradient accumulation). `after_batch` still runs, so metrics see the batch."""
+
+
+# The exit status of a run stopped by SIGTERM or SIGUSR1 at a checkpoint: sysexits.h's EX_TEMPFAIL ("a temporary
+# failure: try again later"), which a requeue script, SLURM's RequeueExit or a Kubernetes podFailurePolicy can single out
+# from a failure (1) and from a process killed by the signal itself (143 = 128 + 15), which kept no checkpoint.
+EXIT_RESUMABLE = 75
+
+
+class Preempted(SystemExit):
+    """`fit` was stopped by SIGTERM or SIGUSR1 (a scheduler ending or preempting the job: SLURM, Kubernetes, a spot
+    machine, `docker stop`): the batch it came in ended, CheckpointCB wrote a checkpoint there, and this is raised on
+    every process. A SystemExit, so `except Exception` does not swallow the request to stop, and an uncaught one ends
+    the script with `code` EXIT_RESUMABLE (75) after fit printed `str(e)`. `signal`: the signal (`signal.Signals`);
+    `checkpoint`: the checkpoint to go on from (a Path), or None without CheckpointCB."""
+
+    def __init__(self, sig, checkpoint, message: str):
+        super().__init__(EXIT_RESUMABLE)
+        self.signal, self.checkpoint, self.message = sig, checkpoint, message
+
+    def __str__(self) -> str: return self.message
+
+    def __reduce__(self): return type(self), (self.signal, self.checkpoint, self.message)  # pickles (to another process)
 
 
 class Callback:
@@ -128,7 +151,11 @@ class Learner:
       model (rw), dls (r), loss_func (r), lr (r), opt (rw: created at fit start from opt_func), opt_func (r),
       cbs (r: change it with add_cb / rm_cb), n_epochs, epochs (r), epoch (r), training (r: model.training),
       dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw),
-      interrupted (r: a ctrl-C came during this fit; the loop stops when the current batch's cleanup_batch is done),
+      interrupted (r: a signal stops the fit at this batch: set at the batch's end, before cleanup_batch, after which
+      the loop stops), stop_signal (r: the signal (ctrl-C's SIGINT, SIGTERM, SIGUSR1) that asked this fit to stop, else
+      None), stop_requested (rw: the loop stops at the end of the batch in which it is True; fit's signal handler sets
+      it, unless hold_signals (rw) is True: then DistributedCB sets it, at a batch every process agrees on),
+      last_checkpoint (rw: the newest checkpoint file written in this fit; CheckpointCB sets it, a stop names it),
       sync_grads (rw: whether this batch's backward must reduce gradients across processes; GradientAccumulationCB sets
       it False before non-final micro-batches, DistributedCB reads it before the forward),
       rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True).
@@ -139,8 +166,8 @@ class Learner:
     that define them (ARCHITECTURE.md says which); `import ultraloop` attaches them all.
     """
 
-    interrupted = False
-    _sigint = False  # set by the ctrl-C handler fit installs (see _DeferredInterrupt)
+    interrupted = stop_requested = hold_signals = False
+    stop_signal = last_checkpoint = None
     _stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
     _resume = None  # a state.Resume while fit(resume=...) picks a run up
     sync_grads = True  # see above; a class default, so a fit without accumulation or processes never sets it
@@ -228,24 +255,33 @@ class Learner:
         """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
         `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with.
         `resume`: a checkpoint file, a folder (its newest checkpoint) or a `state_dict()`: the fit goes on from the very
-        batch after the one the state was captured at, as if the run had never stopped. A ctrl-C waits for the
-        current batch to end (a second one interrupts at once), then raises KeyboardInterrupt."""
+        batch after the one the state was captured at, as if the run had never stopped. `resume='auto'`: the folder of
+        the learner's CheckpointCB: its newest checkpoint, or a fresh start when it holds none (so one script, relaunched
+        by SLURM's --requeue or torchrun --max-restarts, starts or goes on). A run resumed after its last epoch trains no
+        more: fit says so, and MetricsCB prints the run's table.
+        Signals: a ctrl-C (SIGINT), SIGTERM or SIGUSR1 waits for the current batch to end, CheckpointCB writes a
+        checkpoint there, then fit raises KeyboardInterrupt (ctrl-C) or `Preempted` (SIGTERM, SIGUSR1: a SystemExit with
+        code 75, EXIT_RESUMABLE, after printing one line naming the checkpoint). A second signal acts at once, as it
+        would without fit (ctrl-C: KeyboardInterrupt; SIGTERM: the process ends). Under several processes every process
+        stops at the same batch (DistributedCB agrees on it). The handlers are installed in the main thread, for the fit
+        only, over Python's defaults (a handler of your own stays in charge), and the previous ones come back after."""
         self._check_fit_args(n_epochs, train, valid, lr)
         cbs = _as_cbs(cbs)
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
             self._check_steps(train)
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
-            self._resume = None if resume is None else state.Resume(self, resume, n_epochs)  # read and checked first
+            self._resume = None if resume is None else state.resume(self, resume, n_epochs)  # read and checked first
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
+            self.last_checkpoint = None
             self._loaded_position = None
             self._prepare_opt(self.lr if lr is None else lr)
             if self._stale_grads: self._clear_grads()
             try:
-                with _DeferredInterrupt(self):
+                with _StopOnSignal(self):
                     self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train,
                                       valid)
-                    if self._sigint: raise KeyboardInterrupt  # a ctrl-C that came after the last batch
+                    if self.stop_requested: self.interrupted = True; raise self._stopped()  # it came after the last batch
             except BaseException:
                 # an error (not a ctrl-C deferred to a batch's end) may leave a half-made step's .grad: it stays for
                 # inspection, and the next fit starts without it (a successful fit keeps it, as MomentumLearner needs)
@@ -257,7 +293,10 @@ class Learner:
 
     def _do_fit(self, train: bool, valid: bool) -> None:
         epoch, phase = 0, 'train'
-        if self._resume is not None: epoch, phase = self._resume.start(self)  # after before_fit made what it makes
+        if self._resume is not None:
+            epoch, phase = self._resume.start(self)  # after before_fit made what it makes
+            if self._resume.finished and self.is_main:
+                print(f'{self._resume.what}: the run is finished (its {self.n_epochs} epochs are done): nothing left to train')
         for self.epoch in self.epochs[epoch:]:
             if train and phase == 'train': self.one_epoch(True)
             phase = 'train'
@@ -300,10 +339,23 @@ class Learner:
                     for f in h['after_loss']: f(self)
                 for f in h['after_batch']: f(self)
             except CancelBatchException: pass
-            self.interrupted = self._sigint  # read once, at the batch's end: CheckpointCB's cleanup_batch and the raise agree
+            self.interrupted = self.stop_requested  # read once, at the batch's end: CheckpointCB's save and the raise agree
         finally:
             for f in h['cleanup_batch']: f(self)
-        if self.interrupted: raise KeyboardInterrupt
+        if self.interrupted: raise self._stopped()
+
+    def _stopped(self) -> BaseException:
+        """What a fit stopped by a signal raises: KeyboardInterrupt for a ctrl-C, else Preempted, whose one line the
+        main process prints (an uncaught SystemExit prints nothing)."""
+        sig = self.stop_signal
+        if sig is None or sig == signal.SIGINT: return KeyboardInterrupt()
+        ck = self.last_checkpoint
+        phase = 'train' if self.training else 'valid'
+        where = f'after epoch {self.epoch} {phase} batch {self.iter}' if self._in_phase else 'at the end of the fit'
+        msg = f'fit stopped by {sig.name} {where}; ' + (f'checkpoint: {ck}' if ck is not None else
+                                                           'no checkpoint written (CheckpointCB would write one here)')
+        if self.is_main: print(f'ultraloop: {msg}', file=sys.stderr, flush=True)
+        return Preempted(sig, ck, msg)
 
     def train_step(self) -> None:
         """The train step, from predict to zero_grad, with the events between. The one place it is written: a callback
@@ -495,27 +547,41 @@ def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-class _DeferredInterrupt:
-    """During fit, a ctrl-C (SIGINT) only sets `learn._sigint`; the loop raises KeyboardInterrupt once the current batch
-    has ended, so no optimiser step is half applied (and CheckpointCB can write a last checkpoint). A second ctrl-C
-    interrupts at once. Installed only in the main thread, over Python's default handler, and only for the fit."""
+# The signals fit turns into a stop at the batch's end, each with the handler it may replace (Python's default).
+_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                 **({signal.SIGUSR1: signal.SIG_DFL} if hasattr(signal, 'SIGUSR1') else {})}  # no SIGUSR1 on Windows
 
-    def __init__(self, learn): self.learn, self.prev = learn, None
+
+class _StopOnSignal:
+    """During fit, a ctrl-C (SIGINT), SIGTERM or SIGUSR1 only records `learn.stop_signal` and sets `learn.stop_requested`
+    (or, with `learn.hold_signals`, leaves that to DistributedCB); the loop stops once the current batch has ended, so no
+    optimiser step is half applied and CheckpointCB can write a last checkpoint. The first signal puts the previous
+    handlers back, so a second one acts at once as it would without fit, even inside a long C call. Installed only in
+    the main thread, only over Python's default handlers (one of your own stays), and only for the fit."""
+
+    def __init__(self, learn): self.learn, self.prev = learn, {}
 
     def __enter__(self):
-        self.learn._sigint = False
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.prev = signal.signal(signal.SIGINT, self._handler)
+        learn = self.learn
+        learn.stop_signal, learn.stop_requested = None, False
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in _STOP_SIGNALS.items():
+                if signal.getsignal(sig) is default: self.prev[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
-        if self.learn._sigint: raise KeyboardInterrupt  # the second ctrl-C
-        self.learn._sigint = True
+        self._restore()
+        learn = self.learn
+        learn.stop_signal = signal.Signals(signum)
+        if not learn.hold_signals: learn.stop_requested = True
+
+    def _restore(self) -> None:
+        for sig, h in self.prev.items(): signal.signal(sig, h)
+        self.prev = {}
 
     def __exit__(self, *exc) -> None:
-        if self.prev is not None: signal.signal(signal.SIGINT, self.prev)
-        self.learn._sigint = False
+        self._restore()
+        self.learn.stop_requested = False
 
 
 class _BoundStep:

@@ -373,6 +373,22 @@ def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None
     learn._loaded_position = sd['position']  # until the next fit, state_dict() says where the loaded run was
 
 
+def resume(learn, source, n_epochs: int) -> Resume | None:
+    """What `fit(resume=source)` goes on from: a `Resume`, or None for a fresh start (`'auto'` finding no checkpoint).
+    `'auto'` means the folder of the learner's checkpoint writer (a callback with a `resume_dir`: CheckpointCB)."""
+    if isinstance(source, str) and source == 'auto':
+        dirs = list(dict.fromkeys(d for cb in learn.cbs if (d := getattr(cb, 'resume_dir', None)) is not None))
+        if not dirs:
+            raise ValueError("resume='auto' goes on from the folder of the learner's CheckpointCB, and it has none: add "
+                             "CheckpointCB(dir) to its callbacks (or to fit's cbs), or pass resume=DIR")
+        if len(dirs) > 1:
+            raise ValueError(f"resume='auto': the learner writes checkpoints to {len(dirs)} folders "
+                             f"({', '.join(map(str, dirs))}); pass resume=DIR, the one to go on from")
+        if not Path(dirs[0]).is_dir() or newest_checkpoint(dirs[0]) is None: return None  # nothing yet: a fresh start
+        source = dirs[0]
+    return Resume(learn, source, n_epochs)
+
+
 class Resume:
     """A fit picking a run up where a state left it. `start` (after before_fit and the optimiser are made) loads the
     weights, optimiser and loaders, and for a state captured between phases the callbacks and RNGs; a state captured
@@ -400,6 +416,7 @@ class Resume:
             raise ValueError(f'{self.what} is at epoch {pos["epoch"]} ({pos["phase"]} batch {pos["batch"]}), past a fit '
                              f'of n_epochs={n_epochs}: resume with at least n_epochs={pos["epoch"] + 1}')
         self.sd, self.pos, self.pending = sd, pos, pos['in_phase']
+        self.finished = pos['epoch'] >= n_epochs  # at the end of the last epoch: nothing left to train
 
     def start(self, learn) -> tuple[int, str]:
         # this process's own parts: known now, after before_fit (DistributedCB) made the process group

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch.distributed as dist
+
 from .. import state
-from ..utils import check_int
+from ..utils import check_int, several_processes
 from .safety import MonitorCB
 
 __all__ = ['CheckpointCB']
@@ -13,14 +15,15 @@ __all__ = ['CheckpointCB']
 
 class CheckpointCB(MonitorCB):
     """Writes `learn.state_dict()` (all `fit(resume=...)` needs to go on as if never stopped) to the folder `dir` at
-    every epoch's end, with `every_batches=k` every k training batches too, and on ctrl-C at the end of the batch it
-    came in. Keeps the newest `keep` files, plus with `monitor` ('valid_loss', 'valid_accuracy', 'train_loss', ...;
-    `mode` 'min' or 'max') the best epoch-end one, `best_path`; `last_path` is the newest. A file is
-    `checkpoint-<n>-epoch<e>-<phase><batch>.pt`, `n` counting up, written into a temporary file that is renamed into
-    place (a crash never leaves a half checkpoint), and read back with `torch.load(weights_only=True)`.
-    `learn.fit(n, resume=dir)` continues from the newest. Under several processes every process takes part in each
-    save (the state is gathered: see `state.learner_state`) and the main one writes; every process resumes from the
-    file, each taking its own parts."""
+    every epoch's end, with `every_batches=k` every k training batches too, and when a ctrl-C, SIGTERM or SIGUSR1 stops
+    the fit, at the end of the batch it came in (`learn.last_checkpoint` names the newest file). Keeps the newest `keep`
+    files, plus with `monitor` ('valid_loss', 'valid_accuracy', 'train_loss', ...; `mode` 'min' or 'max') the best
+    epoch-end one, `best_path`; `last_path` is the newest. A file is `checkpoint-<n>-epoch<e>-<phase><batch>.pt`, `n`
+    counting up, written into a temporary file that is renamed into place (a crash never leaves a half checkpoint), and
+    read back with `torch.load(weights_only=True)`. `learn.fit(n, resume=dir)`, or `resume='auto'` (this folder,
+    `resume_dir`, and a fresh start while it holds none), continues from the newest. Under several processes every
+    process takes part in each save (the state is gathered: see `state.learner_state`) and the main one writes; every
+    process resumes from the file, each taking its own parts."""
     order = 50  # after the callbacks that change state in a batch (cleanup_batch included), so it saves what they did
 
     def __init__(self, dir: str | os.PathLike = 'checkpoints', every_batches: int | None = None, keep: int = 2,
@@ -56,6 +59,8 @@ class CheckpointCB(MonitorCB):
         # here, after the other callbacks' cleanup_batch (a gradient scaler's update), the batch is wholly done
         if self._due or learn.interrupted: self._save(learn)
         self._due = False
+        # a stop: no process raises before the main one's file is in place, so a resume started at once finds it
+        if learn.interrupted and several_processes(): dist.barrier()
 
     def on_value(self, learn, value, improved: bool) -> None:
         if improved: self._new_best = True
@@ -72,11 +77,16 @@ class CheckpointCB(MonitorCB):
         keep = self.files[-self.keep:]
         drop = [f for f in self.files if f not in keep and (self.best_path is None or f != self.best_path.name)]
         self.files = [f for f in self.files if f not in drop]
-        self.last_path = path
+        self.last_path = learn.last_checkpoint = path
         sd = learn.state_dict()  # holds this callback's state as it is now, this file counted (every process: a collective)
         if not self._main: return
         state.save_file(sd, path)
         for f in drop: (self.dir / f).unlink(missing_ok=True)
+
+    @property
+    def resume_dir(self) -> Path:
+        """The folder `fit(resume='auto')` goes on from."""
+        return self.dir
 
     def state_dict(self) -> dict:
         return {'seq': self._seq, 'files': list(self.files), 'batches': self._batches, 'best': self.best,

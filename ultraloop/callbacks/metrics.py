@@ -198,7 +198,7 @@ class MetricsCB(Callback):
 
     def before_fit(self, learn):
         learn.metrics = self
-        self.history, self.batch_losses, self._device, self._warned = [], [], None, False
+        self.history, self.batch_losses, self._device, self._warned, self._rows_shown = [], [], None, False, 0
         if several_processes():
             for m in self.metrics.values():
                 if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
@@ -273,11 +273,16 @@ class MetricsCB(Callback):
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
                           f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
                           f'stops a fit at the first such batch)', stacklevel=2)
-        self._in_phase = False
+        self._in_phase, self._rows_shown = False, self._rows_shown + 1
         if self._main: self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
 
     def cleanup_epoch(self, learn): self._in_phase = False
+
+    def after_fit(self, learn):
+        # a fit that ran no phase but holds rows resumed a finished run: show its table rather than nothing
+        if self._main and not self._rows_shown:
+            for row in self.history: self._print(learn, row)
 
     def state_dict(self) -> dict:
         s = {'history': [dict(r) for r in self.history], 'phase': None}
