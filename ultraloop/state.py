@@ -242,6 +242,7 @@ def learner_state(learn) -> dict:
         'rng': rng_state(),
         'run': run_id(learn),
         'settings': settings(learn),
+        'processes': processes(learn),
     }
     procs = _processes()
     if procs is not None:
@@ -266,9 +267,77 @@ def _processes() -> tuple[int, int] | None:
     return (dist.get_rank(), dist.get_world_size()) if several_processes() else None
 
 
+def _batch_size(dl) -> int | None:
+    bs = getattr(dl, 'bs', None) if getattr(dl, 'bs', None) is not None else getattr(dl, 'batch_size', None)
+    return bs if isinstance(bs, int) else None
+
+
+def _sampler(dl) -> str | None:
+    """How a shuffled train loader draws its order: 'distributed' (a DistributedSampler: from its seed and the epoch,
+    whatever the number of processes), 'own' (a torch DataLoader's RandomSampler, drawn its own way), else None (in
+    order, or a loader whose order does not depend on the number of processes: a TensorLoader and its shards)."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+    if not isinstance(dl, DataLoader): return None
+    if isinstance(dl.sampler, DistributedSampler): return 'distributed' if dl.sampler.shuffle else None
+    return 'own' if isinstance(dl.sampler, RandomSampler) else None
+
+
+def processes(learn) -> dict:
+    """How many processes took the state, with what train batch size each and how the train loader drew its order:
+    what a resume with another number of processes checks (`check_processes`)."""
+    dl = _phase_loader(learn, 'train')
+    procs = _processes()
+    return {'world_size': 1 if procs is None else procs[1], 'bs': _batch_size(dl), 'sampler': _sampler(dl)}
+
+
+def check_processes(learn, sd: dict, what: str) -> None:
+    """A state taken by N processes resumed by M: the global batch (N times the per-process bs) must be kept, so that M
+    processes take the same batches of the same order (each its share of global batch k, as DistributedSampler cuts
+    it); and the state must be taken between phases (an epoch's end), since the phase's partial sums and positions
+    each process held do not split into another number of shares. Each a one-line error, before any work."""
+    saved = sd.get('processes')
+    n, m = (saved or {}).get('world_size', 1), learn.world_size
+    if saved is None or n == m: return
+    pos = sd['position']
+    if pos['in_phase']:
+        raise ValueError(f'{what} was taken inside a phase (epoch {pos["epoch"]}, {pos["phase"]} batch {pos["batch"]}) '
+                         f'by {_procs(n)}, and {m} would resume it: resume it with {_procs(n)}, or from a checkpoint '
+                         f"taken at an epoch's end (CheckpointCB writes one at every epoch's end)")
+    dl = _phase_loader(learn, 'train')
+    old, new = saved['bs'], _batch_size(dl)
+    if old is not None and new is not None and old * n != new * m:
+        fix = (f'give each process bs={old * n // m}' if old * n % m == 0 else
+               f'{old * n} does not divide by {m} processes: resume with a number of processes that divides it')
+        raise ValueError(f'{what} was saved by {_procs(n)} of bs {old} (a global batch of {old * n}); {_procs(m)} of bs '
+                         f'{new} make{"s" if m == 1 else ""} a global batch of {new * m}: to go on with the same batches, {fix}')
+    # a shuffled torch DataLoader draws its order one way when DistributedCB cuts it (a DistributedSampler, also in a
+    # torchrun group of one) and another in a plain process (its RandomSampler): the run goes on, in another order
+    import torch.distributed as dist
+    kind = _sampler(dl)
+    if kind == 'own' and (m > 1 or 'RANK' in os.environ or (dist.is_available() and dist.is_initialized())):
+        kind = 'distributed'
+    if saved.get('sampler') != kind and 'own' in (saved.get('sampler'), kind):
+        import warnings
+        warnings.warn(f'{what} was saved by {_procs(n)} whose shuffled train DataLoader drew its order '
+                      f'{_DRAWN[saved.get("sampler")]}; here it draws it {_DRAWN[kind]}, so the batches after the resume '
+                      f'differ from the run\'s: run both under torchrun (--nproc-per-node 1 for one process), or use a '
+                      f'TensorLoader (DataLoaders.from_tensors), whose order is the same in any number of processes',
+                      stacklevel=3)
+
+
+def _procs(n: int) -> str: return f'{n} process' if n == 1 else f'{n} processes'
+
+
+_DRAWN = {'distributed': "by DistributedSampler (DistributedCB's cut)", 'own': 'by its own RandomSampler (no cut)',
+          None: 'in no shuffled way'}
+
+
 def own_parts(sd: dict, rank: int, world_size: int) -> dict:
     """`sd` with process `rank`'s own parts (its entry of `ranks`) in place of the main process's; a state saved by
-    another number of processes (or by one) keeps the main process's."""
+    another number of processes (or by one) keeps the main process's for every process: `check_processes` lets it
+    resume only from between phases, where the processes' parts agree (the metric history; the loaders' shuffle
+    state, which each takes from rank 0) but for the RNGs a model draws from (dropout goes on from rank 0's)."""
     ranks = sd.get('ranks')
     if ranks is None or world_size == 1 or len(ranks) != world_size: return sd
     mine = ranks[rank]
@@ -545,6 +614,8 @@ class Resume:
             if path.is_dir(): path, sd = resume_from_folder(learn, path)
             else: sd = load_file(path)
             self.what = str(path)
+        check_format(sd, self.what)
+        check_processes(learn, sd, self.what)  # another number of processes: its own message first
         # everything before anything is made or changed: the optimiser checked is the one the fit will use
         validate(learn, sd, self.what, opt_to_be(learn, learn.lr if lr is None else lr), lr)
         pos = sd['position']

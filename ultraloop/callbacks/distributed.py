@@ -33,13 +33,23 @@ _groups = 0  # process groups this process has made: every rank runs the same fi
 
 
 def _init_group(backend: str, timeout: timedelta) -> None:
+    """The process group, over this process's rendezvous store (made once, its waits bounded by `timeout`), under a key
+    prefix of its own: see `_prefix`."""
     global _rendezvous, _groups
     if _rendezvous is None: _rendezvous = next(dist.rendezvous('env://', timeout=timeout))
     store, rank, world_size = _rendezvous
     _groups += 1
-    # a store prefix per group: a new group over the last one's keys would read its gloo addresses and hang in set-up
-    dist.init_process_group(backend, store=dist.PrefixStore(f'ultraloop/{_groups}', store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(_prefix(_groups), store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def _prefix(group: int) -> str:
+    """The store keys of this process's `group`-th group. A group set up over keys another one left would read that
+    group's addresses (gloo's connectFullMesh: 'Connection refused' to a dead process's port) or its counts (a hang in
+    set-up): so each group of a process gets its own number, and each round of an elastic job its own namespace, since
+    torchrun's agent keeps one store (at MASTER_PORT) for all the rounds it relaunches after a failure."""
+    env = os.environ
+    return f'ultraloop/{env.get("TORCHELASTIC_RUN_ID", "")}/{env.get("TORCHELASTIC_RESTART_COUNT", "0")}/{group}'
 
 
 class _Inner(nn.Module):

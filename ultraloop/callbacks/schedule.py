@@ -3,7 +3,6 @@ hyper-parameters per batch (RecorderCB)."""
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -151,12 +150,19 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
     (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...); `resume` to `learn.fit` (the schedule
-    goes on from its saved state). Returns the schedule callback."""
+    goes on from its saved state). The schedule is sized when the fit starts, from the batches each process takes of
+    the loader it iterates (its share under DistributedCB). Returns the schedule callback."""
     check_int('fit_one_cycle: n_epochs', n_epochs, 1)
     check_number('fit_one_cycle: lr_max', lr_max, gt=0, finite=True)
     cbs = _as_cbs(cbs)
-    total = n_epochs * _steps_per_epoch(learn, cbs)
-    sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
+    _steps_per_epoch(learn, cbs)  # a loader without a length: refused before any work
+
+    def sched_func(opt):
+        # sized at fit start, from the loader the fit iterates: under DistributedCB (whose before_fit runs first) that
+        # is this process's share, so the schedule spans the steps each process really takes (`cbs` are in learn.cbs now)
+        return _one_cycle(opt, cycle_momentum, max_lr=lr_max, total_steps=n_epochs * _steps_per_epoch(learn, ()),
+                          **sched_kwargs)
+    sched = BatchSchedCB(sched_func)
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max, resume=resume)
     return sched
 
