@@ -48,14 +48,20 @@ def test_setup_asks_for_the_cpu_build_unless_an_nvidia_gpu_answers(tmp_path):
     assert r.stderr == 'setup.sh: ULTRALOOP_TORCH=rocm is not a choice; use auto, cpu, cuda or skip\n'
 
 
-def test_a_second_setup_only_checks(tmp_path):
-    """A stand-in .venv whose python logs each call: with the set-up current, pip is never run."""
+def standin_repo(tmp_path) -> tuple[Path, Path]:
+    """A copy of setup.sh and pyproject.toml with an empty .venv/bin for stand-in executables: (repo, its .venv/bin)."""
     repo = tmp_path / 'repo'
     (repo / 'scripts').mkdir(parents=True)
     shutil.copy(ROOT / 'scripts' / 'setup.sh', repo / 'scripts')
     shutil.copy(ROOT / 'pyproject.toml', repo)
     venv_bin = repo / '.venv' / 'bin'
     venv_bin.mkdir(parents=True)
+    return repo, venv_bin
+
+
+def test_a_second_setup_only_checks(tmp_path):
+    """A stand-in .venv whose python logs each call: with the set-up current, pip is never run."""
+    repo, venv_bin = standin_repo(tmp_path)
     log = tmp_path / 'calls'
     for exe in ('python', 'ultraloop'):
         (venv_bin / exe).write_text(f'#!/bin/sh\necho "{exe} $*" >> {log}\n')
@@ -115,12 +121,7 @@ def test_setup_plans_torchvision_from_torchs_source(tmp_path):
 def test_setup_vision_on_a_cpu_torch_never_takes_pypis_cuda_torchvision(tmp_path, cpu_wheel):
     """A stand-in .venv whose torch is the CPU build and whose CPU index cannot be reached: set-up asks pip's sources
     for torchvision==0.28.0+cpu; where they have none, it stops with a message instead of taking PyPI's CUDA build."""
-    repo = tmp_path / 'repo'
-    (repo / 'scripts').mkdir(parents=True)
-    shutil.copy(ROOT / 'scripts' / 'setup.sh', repo / 'scripts')
-    shutil.copy(ROOT / 'pyproject.toml', repo)
-    venv_bin = repo / '.venv' / 'bin'
-    venv_bin.mkdir(parents=True)
+    repo, venv_bin = standin_repo(tmp_path)
     log = tmp_path / 'calls'
     (venv_bin / 'python').write_text(f'''#!/bin/sh
 echo "python $*" >> {log}
