@@ -12,7 +12,9 @@ end, or to the first batch's start (the loop's `_one_batch`, entered for the fir
   LR finder, against `import torch + SGD`;
 - `ultraloop demo --epochs 1 (total)`: the whole demo (the LR finder, one epoch, two plots saved with matplotlib).
 
-`beyond` is the figure minus its baseline: what is the loop's own. Goal: below 0.5 s for all but the total.
+`beyond` is the figure minus its baseline: what is the loop's own. Goal: below 0.5 s for all but the total. Each figure
+is given as wall time and as CPU time (user + system of the process, OMP_NUM_THREADS=1): on a busy machine the wall
+times stray by seconds, the CPU times much less.
 Run: `python bench/startup.py [--runs 5] [--root CHECKOUT]`.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,14 +54,17 @@ CASES = {  # name: (command after the python executable, baseline name or None)
 }
 
 
-def _time(args: list[str], out: str, root: Path) -> float:
-    env = {**os.environ, 'PYTHONPATH': str(root), 'MPLBACKEND': 'Agg'}
+def _time(args: list[str], out: str, root: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one fresh process running `args`."""
+    env = {**os.environ, 'PYTHONPATH': str(root), 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1'}
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     r = subprocess.run([sys.executable, *[a.replace('{out}', out) for a in args]], cwd=root, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0: raise SystemExit(f'{args[:2]} failed ({r.returncode}):\n{r.stderr[-2000:]}')
-    return dt
+    return dt, (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
 
 
 def _commit(root: Path) -> str:
@@ -80,14 +86,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # interleaved rounds: each round runs every case once, so a busy spell of the machine touches all of them
         times: dict[str, list[float]] = {n: [] for n in names}
+        cpus: dict[str, list[float]] = {n: [] for n in names}
         for r in range(a.runs):
-            for n in names: times[n].append(_time(CASES[n][0], str(Path(tmp) / f'run{r}'), a.root))
+            for n in names:
+                wall, cpu = _time(CASES[n][0], str(Path(tmp) / f'run{r}'), a.root)
+                times[n].append(wall)
+                cpus[n].append(cpu)
     import torch  # for its version only, once the timings are done
+    cpu_medians = {}
     for n in names:
-        medians[n] = statistics.median(times[n])
+        medians[n], cpu_medians[n] = statistics.median(times[n]), statistics.median(cpus[n])
         base = CASES[n][1]
         rec = {'what': n, 'median_s': round(medians[n], 3), 'min_s': round(min(times[n]), 3), 'max_s': round(max(times[n]), 3),
                'baseline': base, 'beyond_s': None if base is None else round(medians[n] - medians[base], 3),
+               'cpu_median_s': round(cpu_medians[n], 3),
+               'cpu_beyond_s': None if base is None else round(cpu_medians[n] - cpu_medians[base], 3),
                'runs': a.runs, 'commit': _commit(a.root), 'torch': torch.__version__, 'python': platform.python_version(),
                'machine': platform.machine(), 'cpus': os.cpu_count(), 'date': date.today().isoformat()}
         print(json.dumps(rec))
