@@ -86,7 +86,9 @@ class Preempted(SystemExit):
 class Callback:
     """Base class for callbacks. A hook is a method named after an event (see `EVENTS`) taking the learner;
     a step method (`predict`, `get_loss`, `backward`, `step`, `zero_grad`) replaces the Learner's own.
-    Callbacks run sorted by `order`, ties in the order they were added."""
+    Callbacks run sorted by `order`, ties in the order they were added. `added(learn)` and `removed(learn)`, where a
+    callback defines them, run when `add_cbs`/`rm_cbs` (and so `Learner(cbs=...)` and `fit(cbs=...)`) add or remove it:
+    a callback that makes itself an attribute of the learner (MetricsCB's `learn.metrics`) does so in `added`."""
     order = 0
 
     @property
@@ -158,7 +160,9 @@ class Learner:
       last_checkpoint (rw: the newest checkpoint file written in this fit; CheckpointCB sets it, a stop names it),
       sync_grads (rw: whether this batch's backward must reduce gradients across processes; GradientAccumulationCB sets
       it False before non-final micro-batches, DistributedCB reads it before the forward),
-      rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True).
+      rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True),
+      metrics (r: the MetricsCB last added, from the moment it is added; set by the callback's `added`).
+    `dls` is anything with `.train` and `.valid`; a `.valid` of None (`DataLoaders(train)`) means no valid phase.
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`. `train_step()` runs them with
     the events between (a callback may provide its own `train_step`, as CudaGraphCB does).
@@ -170,6 +174,7 @@ class Learner:
     stop_signal = last_checkpoint = None
     _stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
     _resume = None  # a state.Resume while fit(resume=...) picks a run up
+    _no_valid_dl = False  # this fit asked for valid phases but dls.valid is None (DataLoaders(train)), so it runs none
     sync_grads = True  # see above; a class default, so a fit without accumulation or processes never sets it
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
@@ -190,6 +195,8 @@ class Learner:
                 raise ValueError(f'{cb!r} is already in learn.cbs; pass a new instance to run it twice')
         self.cbs.extend(cbs)
         self._update_cbs()
+        for cb in cbs:  # a callback that attaches itself to the learner (learn.metrics) does it now, not at fit start
+            if callable(added := getattr(cb, 'added', None)): added(self)
         return self
 
     def add_cb(self, cb) -> Learner: return self.add_cbs([cb])
@@ -200,6 +207,8 @@ class Learner:
             if not any(cb is o for o in self.cbs): raise ValueError(f'{cb!r} is not in learn.cbs, so it cannot be removed')
         self.cbs[:] = [o for o in self.cbs if not any(o is cb for cb in cbs)]
         self._update_cbs()
+        for cb in cbs:
+            if callable(removed := getattr(cb, 'removed', None)): removed(self)
         return self
 
     def rm_cb(self, cb) -> Learner: return self.rm_cbs([cb])
@@ -267,6 +276,8 @@ class Learner:
         stops at the same batch (DistributedCB agrees on it). The handlers are installed in the main thread, for the fit
         only, over Python's defaults (a handler of your own stays in charge), and the previous ones come back after."""
         self._check_fit_args(n_epochs, train, valid, lr)
+        self._no_valid_dl = valid and getattr(self.dls, 'valid', 0) is None  # DataLoaders(train): no valid phase
+        valid = valid and not self._no_valid_dl
         cbs = _as_cbs(cbs)
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
@@ -603,16 +614,78 @@ class _BoundStep:
     def cb_self(self): return getattr(self.f, '__self__', self.f)
 
 
+def _keys(who: str, nm: str, v) -> tuple | None:
+    if v is None: return None
+    ks = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else ()
+    if not ks or not all(isinstance(k, str) for k in ks):
+        raise TypeError(f"{who}: {nm} names the key of a dict batch it takes, or a list of keys (e.g. {nm}="
+                        f"{'image' if nm == 'inputs' else 'label'!r}), got {v!r}")
+    return ks
+
+
+def check_batch_keys(who: str, inputs, target) -> tuple[tuple | None, tuple | None]:
+    """`inputs` and `target` (a dict batch's key, or a list of keys; None: see `split_batch`) as tuples of keys,
+    checked: a one-line error names `who` and the bad value."""
+    xk, yk = _keys(who, 'inputs', inputs), _keys(who, 'target', target)
+    if xk and yk and (both := [k for k in xk if k in yk]):
+        raise ValueError(f'{who}: {both[0]!r} is named in inputs and in target; a key goes to the model or to the loss')
+    return xk, yk
+
+
+def split_batch(b, n_inp: int = 1, inputs: tuple | None = None, target: tuple | None = None) -> tuple[tuple, tuple]:
+    """The model's inputs and the loss's targets in batch `b`, as two tuples. A list or tuple: its first `n_inp`
+    elements, then the rest. A dict (a Hugging Face dataset's batch with `as_tuple=False`): by key. `inputs` and
+    `target` (tuples of keys, from `check_batch_keys`) name them; with one named, the other is every other key, in the
+    dict's order; with neither, the first `n_inp` keys are the inputs and the rest the targets (the order of
+    collate_dict's tuples). A key the dict lacks is a one-line error listing its keys."""
+    if isinstance(b, (list, tuple)): return tuple(b[:n_inp]), tuple(b[n_inp:])
+    keys = list(b)
+    if inputs is None and target is None: xk, yk = keys[:n_inp], keys[n_inp:]
+    elif target is None: xk, yk = inputs, [k for k in keys if k not in inputs]
+    elif inputs is None: xk, yk = [k for k in keys if k not in target], target
+    else: xk, yk = inputs, target
+    missing = [k for k in (*xk, *yk) if k not in b]
+    if missing or not xk:
+        problem = (f"has no {', '.join(map(repr, missing))}" if missing else
+                   f'leaves no key for the model after target={list(target)}')
+        raise ValueError(f'the batch is a dict with keys {keys}, which {problem}: name the model\'s inputs and the '
+                         f'target among those keys, e.g. TrainCB(inputs={keys[0]!r}, target={keys[-1]!r}) or '
+                         f'TrainLearner(..., inputs={keys[0]!r}, target={keys[-1]!r})')
+    return tuple(b[k] for k in xk), tuple(b[k] for k in yk)
+
+
+def batch_split(learn) -> tuple[int, tuple | None, tuple | None]:
+    """`(n_inp, inputs, target)` of whoever provides `learn.get_loss` (a callback such as TrainCB, else the learner): how
+    the step splits a batch (`split_batch`), for callbacks that need the same split (MetricsCB's targets)."""
+    f = vars(learn).get('get_loss')
+    owner = f.cb_self if isinstance(f, _BoundStep) else learn
+    return getattr(owner, 'n_inp', 1), getattr(owner, 'inputs', None), getattr(owner, 'target', None)
+
+
 class TrainLearner(Learner):
     """A Learner with the plain supervised step: the first `n_inp` batch elements (class attribute, 1 by default; set
-    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`."""
+    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`.
+    A dict batch is split by key: `inputs` and `target` name the keys (one, or a list) the model and the loss take
+    (`TrainLearner(model, dls, F.cross_entropy, inputs='image', target='label')`); see `split_batch` for the rule
+    without them."""
     n_inp = 1
+    inputs = target = None
+
+    def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
+                 cbs=None, opt_func: Callable | None = optim.SGD, *, inputs=None, target=None):
+        self.inputs, self.target = check_batch_keys(type(self).__name__, inputs, target)
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
 
     def predict(self):
         b = self.batch
-        self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
+        if not isinstance(b, (list, tuple)): self.preds = self.model(*split_batch(b, self.n_inp, self.inputs, self.target)[0])
+        else: self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
 
-    def get_loss(self): self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
+    def get_loss(self):
+        b = self.batch
+        ys = b[self.n_inp:] if isinstance(b, (list, tuple)) else split_batch(b, self.n_inp, self.inputs, self.target)[1]
+        self.loss = self.loss_func(self.preds, *ys)
+
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()
@@ -621,9 +694,9 @@ class TrainLearner(Learner):
 class MomentumLearner(TrainLearner):
     """The seed's momentum by hand: instead of zeroing, gradients decay by `mom` and keep accumulating."""
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
-                 cbs=None, opt_func: Callable | None = optim.SGD, mom: float = 0.85):
+                 cbs=None, opt_func: Callable | None = optim.SGD, mom: float = 0.85, *, inputs=None, target=None):
         self.mom = mom
-        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func, inputs=inputs, target=target)
 
     def zero_grad(self):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..data import n_counted
-from ..learner import Callback, Learner, main_process
-from ..utils import map_tensors, several_processes
+from ..learner import Callback, Learner, batch_split, main_process, split_batch
+from ..utils import check_int, map_tensors, several_processes
 
-__all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
+__all__ = ['MetricsCB', 'MicroAccuracy', 'BalancedAccuracy', 'plot_metrics']  # format_row: for consumers that print rows
 
 
 class _WeightedMean:
@@ -47,9 +47,97 @@ class _WeightedMean:
         self.total, self.weight = (t[0], int(t[1].item())) if t[1] else (None, 0)
 
 
+class _CountMetric:
+    """A metric whose state is integer counts (int64 tensors named in `_counts`, kept on the batches' device): updating
+    queues device work only, and `all_reduce` sums the counts over processes exactly (MetricsCB calls it once per phase).
+    `update(preds, targets)`: preds are scores with the classes along dim 1 (logits or probabilities: the argmax is the
+    class) or the predicted classes themselves (an integer tensor shaped like targets)."""
+    _counts: tuple[str, ...] = ()
+
+    def _shape(self) -> tuple: return ()
+
+    def reset(self) -> None:
+        dev = getattr(self, 'device', torch.device('cpu'))
+        for nm in self._counts: setattr(self, nm, torch.zeros(self._shape(), dtype=torch.int64, device=dev))
+
+    def to(self, device):
+        self.device = torch.device(device)
+        for nm in self._counts: setattr(self, nm, getattr(self, nm).to(device))
+        return self
+
+    def _classes(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if p.ndim == y.ndim + 1: return p.argmax(1)
+        if p.shape == y.shape and not p.is_floating_point(): return p
+        raise ValueError(f'{type(self).__name__}: predictions of shape {tuple(p.shape)} do not fit targets of shape '
+                         f'{tuple(y.shape)}: give scores with the classes along dim 1 (N, C, ...) or integer classes '
+                         f'shaped like the targets')
+
+    def all_reduce(self, device) -> None:
+        """Sum the counts over every process (a collective: every rank calls it once per phase)."""
+        own = getattr(self, 'device', torch.device('cpu'))
+        t = torch.cat([getattr(self, nm).reshape(-1) for nm in self._counts]).to(device)
+        dist.all_reduce(t)
+        for nm, part in zip(self._counts, t.to(own).split(t.numel() // len(self._counts))):
+            setattr(self, nm, part.reshape(self._shape()).clone())
+
+    def state_dict(self) -> dict: return {nm: getattr(self, nm) for nm in self._counts}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for nm in self._counts: setattr(self, nm, sd[nm].to(getattr(self, 'device', torch.device('cpu'))))
+
+
+class MicroAccuracy(_CountMetric):
+    """The share of samples classified right (micro accuracy: torchmetrics' `MulticlassAccuracy(average='micro')`,
+    whose default is the macro mean over classes), from exact counts: `correct` and `total`, int64 on the device, summed
+    over processes exactly. `MetricsCB(accuracy=MicroAccuracy())`; with `update`/`compute`/`reset`, so it also works
+    alone. Light: no import beyond torch."""
+    _counts = ('correct', 'total')
+
+    def __init__(self): self.reset()
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        self.correct += (self._classes(preds, targets) == targets).sum()
+        self.total += targets.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.double() / self.total if self.total.item() else torch.tensor(float('nan'))
+
+    def __repr__(self) -> str: return 'MicroAccuracy()'
+
+
+class BalancedAccuracy(_CountMetric):
+    """Balanced accuracy: the mean over classes of each class's recall (the share of its samples classified right), over
+    the classes the targets hold (scikit-learn's `balanced_accuracy_score`; torchmetrics'
+    `MulticlassAccuracy(average='macro')` also averages classes seen only in predictions). On unbalanced classes it shows
+    what micro accuracy hides: a model that always answers the majority class scores 1 / num_classes. Per-class counts
+    `correct` and `total` (int64 on the device) are summed over processes exactly."""
+    _counts = ('correct', 'total')
+
+    def __init__(self, num_classes: int):
+        self.num_classes = check_int('BalancedAccuracy: num_classes', num_classes, 1)
+        self.reset()
+
+    def _shape(self) -> tuple: return (self.num_classes,)
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        y = targets.reshape(-1)
+        hit = (self._classes(preds, targets).reshape(-1) == y).to(torch.int64)
+        self.total.index_add_(0, y, torch.ones_like(y))  # index_add_, unlike bincount, needs no host read of the max
+        self.correct.index_add_(0, y, hit)
+
+    def compute(self) -> torch.Tensor:
+        seen = self.total > 0
+        if not seen.any(): return torch.tensor(float('nan'))
+        return (self.correct[seen].double() / self.total[seen]).mean()
+
+    def __repr__(self) -> str: return f'BalancedAccuracy(num_classes={self.num_classes})'
+
+
 def _sync_kind(m) -> str | None:
-    """How a metric's state is summed over processes: 'self' (torchmetrics: its compute() gathers its own state),
+    """How a metric's state is summed over processes: 'sum' (it has `all_reduce(device)`, which sums its state over the
+    processes: MicroAccuracy, BalancedAccuracy, or yours), 'self' (torchmetrics: its compute() gathers its own state),
     'torcheval' (its toolkit merges the ranks' states), or None (no known way)."""
+    if callable(getattr(m, 'all_reduce', None)): return 'sum'
     tm = sys.modules.get('torchmetrics')
     if tm is not None and isinstance(m, tm.Metric): return 'self'
     te = sys.modules.get('torcheval.metrics')
@@ -60,6 +148,9 @@ def _sync_kind(m) -> str | None:
 def _reduced(m):
     """`m.compute()` over every process's samples (a collective)."""
     kind = _sync_kind(m)
+    if kind == 'sum':
+        m.all_reduce(_comm_device())
+        return m.compute()
     if kind == 'self': return m.compute()  # reducing it again would count every sample world_size times
     if kind == 'torcheval':
         from torcheval.metrics.toolkit import sync_and_compute
@@ -68,7 +159,8 @@ def _reduced(m):
 
 
 _NO_SYNC = ('MetricsCB: the metric {} has no known way to sum its state over processes, so each process would report '
-            'only its own share: use a torchmetrics or torcheval metric (each sums its state across processes)')
+            'only its own share: use MicroAccuracy, BalancedAccuracy, a torchmetrics or torcheval metric (each sums its '
+            'state across processes), or give it an all_reduce(device) method that sums its state')
 
 
 def _is_metric(m) -> bool: return all(callable(getattr(m, a, None)) for a in ('update', 'compute', 'reset'))
@@ -203,6 +295,8 @@ class MetricsCB(Callback):
 
     def _log(self, d: dict) -> None: print(d)
 
+    def added(self, learn) -> None: learn.metrics = self  # learn.metrics exists from when the callback is added
+
     def before_fit(self, learn):
         learn.metrics = self
         self.history, self.batch_losses, self._device, self._warned, self._rows_shown = [], [], None, False, 0
@@ -221,12 +315,15 @@ class MetricsCB(Callback):
         self._rows, self._batch = _Rows(self.buffer_bytes), _BatchLosses()
         self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
         self._in_phase = True
+        self._split = batch_split(learn)  # a dict batch's target: the key the step's loss takes first
 
     def after_batch(self, learn):
-        try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
-        except (KeyError, IndexError):
-            raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
-                            f'without one: yield (x, y, ...) batches') from None
+        b = learn.batch
+        try: y = b[1] if isinstance(b, (list, tuple)) else split_batch(b, *self._split)[1][0]  # the seed's batch: (x, y, ...)
+        except IndexError:
+            where = ("batch[1], but the batch is a {} without one: yield (x, y, ...) batches" if isinstance(b, (list, tuple))
+                     else "the first key after the model's inputs, but the {} batch has none: name it, TrainCB(target=...)")
+            raise TypeError(f'MetricsCB reads the targets as {where.format(type(b).__name__)}') from None
         n, loss = len(y), learn.loss.detach()
         if learn.model.training: self._batch.add(loss)
         if self._left is not None:
