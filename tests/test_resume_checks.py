@@ -113,8 +113,8 @@ def test_more_epochs_under_one_cycle_a_changed_accumulation_and_precision_are_re
         return make(cbs=[GradientAccumulationCB(n), MixedPrecisionCB(dtype), CheckpointCB(saved['folder'].parent / 'u2')])
     learn = cyc()
     before = everything(learn)
-    with pytest.raises(ValueError, match=r"saved with BatchSchedCB's total_steps 4, this run has 6: resume with "
-                                         r"BatchSchedCB's total_steps 4, " + NEW_RUN):
+    with pytest.raises(ValueError, match=r"saved with BatchSchedCB's epochs 2, this run has 3: resume with "
+                                         r"BatchSchedCB's epochs 2, " + NEW_RUN):
         learn.fit_one_cycle(3, 0.1, resume=saved['cyc'])
     with pytest.raises(ValueError, match=r"saved with BatchSchedCB's max_lr 0.1, this run has 0.2"):
         learn.fit_one_cycle(2, 0.2, resume=saved['cyc'])

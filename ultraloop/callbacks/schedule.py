@@ -56,9 +56,10 @@ class BaseSchedCB(Callback):
         self.sched.step()
 
     def resume_settings(self) -> dict:
-        """What a resumed fit must keep: the plain arguments of a `functools.partial` sched_func (fit_one_cycle's
-        total_steps and max_lr). The saved scheduler state carries them and would silently replace new ones: a run
-        resumed with more epochs under one-cycle would end at the old step count (`Tried to step ... times`)."""
+        """What a resumed fit must keep: the plain arguments of a `functools.partial` sched_func (or one with the
+        same `keywords`: fit_one_cycle's epochs and max_lr). The saved scheduler state carries them and would silently
+        replace new ones: a run resumed with more epochs under one-cycle would end at the old step count (`Tried to step
+        ... times`)."""
         kw = getattr(self.sched_func, 'keywords', None) or {}
         return {k: v for k, v in kw.items() if v is None or isinstance(v, (bool, int, float, str))}
 
@@ -157,17 +158,28 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     cbs = _as_cbs(cbs)
     _steps_per_epoch(learn, cbs)  # a loader without a length: refused before any work
 
-    def sched_func(opt):
-        # sized at fit start, from the loader the fit iterates: under DistributedCB (whose before_fit runs first) that
-        # is this process's share, so the schedule spans the steps each process really takes (`cbs` are in learn.cbs now)
-        return _one_cycle(opt, cycle_momentum, max_lr=lr_max, total_steps=n_epochs * _steps_per_epoch(learn, ()),
-                          **sched_kwargs)
+    sched_func = _OneCycle(learn, cycle_momentum, n_epochs, lr_max, sched_kwargs)
     sched = BatchSchedCB(sched_func)
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max, resume=resume)
     return sched
 
 
 Learner.fit_one_cycle = fit_one_cycle  # learn.fit_one_cycle(...)
+
+
+class _OneCycle:
+    """fit_one_cycle's schedule factory. It sizes the schedule at fit start, from the loader the fit iterates: under
+    DistributedCB (whose before_fit runs first) that is this process's share, so the schedule spans the steps each
+    process really takes. `keywords` (as a `functools.partial`'s) are what a resumed fit must keep: the epochs the cycle
+    spans (its steps per epoch are checked with the loaders), its peak and the other plain OneCycleLR arguments."""
+
+    def __init__(self, learn, cycle_momentum: bool | None, n_epochs: int, lr_max: float, kwargs: dict):
+        self.learn, self.cycle_momentum, self.n_epochs, self.lr_max, self.kwargs = learn, cycle_momentum, n_epochs, lr_max, kwargs
+        self.keywords = {'epochs': n_epochs, 'max_lr': lr_max, **kwargs}
+
+    def __call__(self, opt) -> lr_scheduler.OneCycleLR:
+        total = self.n_epochs * _steps_per_epoch(self.learn, ())
+        return _one_cycle(opt, self.cycle_momentum, max_lr=self.lr_max, total_steps=total, **self.kwargs)
 
 
 def _one_cycle(opt, cycle_momentum: bool | None, **kwargs) -> lr_scheduler.OneCycleLR:
