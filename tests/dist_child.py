@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ultraloop import (AccelerateCB, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, DistributedCB, GradientAccumulationCB,
-                       Learner, MetricsCB, ProgressCB, TrainCB)
+from ultraloop import (AccelerateCB, BalancedAccuracy, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, DistributedCB,
+                       GradientAccumulationCB, Learner, MetricsCB, MicroAccuracy, ProgressCB, TrainCB)
 
 N_TRAIN, N_VALID, N_IN, N_OUT = 100, 101, 8, 3  # 101: 51 and 50 on two ranks
 
@@ -41,6 +41,13 @@ def metrics(torchmetrics: bool) -> MetricsCB:
     if torchmetrics: from torchmetrics.classification import MulticlassConfusionMatrix as CM
     else: from torcheval.metrics import MulticlassConfusionMatrix as CM
     return MetricsCB(cm=CM(num_classes=N_OUT), acc=MulticlassAccuracy(num_classes=N_OUT))
+
+
+def count_metrics() -> MetricsCB:
+    """The built-in accuracies, whose integer counts MetricsCB sums over processes with their all_reduce."""
+    class Quiet(MetricsCB):
+        def _log(self, d): pass
+    return Quiet(acc=MicroAccuracy(), bal=BalancedAccuracy(N_OUT))
 
 
 def learner(bs: int, model_seed: int = 0, cbs=(), dls=None, step=None, torchmetrics=False) -> Learner:
@@ -121,6 +128,10 @@ def ddp(out: Path, rank: int) -> dict:
            'keys': list(learn.model.state_dict()), 'world_size': learn.world_size}
     try: learn.fit(1, cbs=[MetricsCB(own=OwnMean())])
     except ValueError as e: res['own_metric_error'] = str(e)
+    learn = learner(16, model_seed=rank, cbs=[DistributedCB(), counts := count_metrics()])
+    with captured(): learn.fit(1, train=False)  # 101 valid samples: 51 and 50
+    res['counts'] = counts.history
+    res['counted'] = [int(counts.metrics['acc'].total), int(counts.metrics['bal'].total.sum())]  # summed once: 101
     return res
 
 

@@ -326,7 +326,7 @@ def test_fit_stopped_by_ctrl_c_goes_on_with_resume_as_if_never_stopped(tmp_path,
     capsys.readouterr()
     assert fit('parts.csv', 'b') == 130
     err = capsys.readouterr().err
-    assert f'checkpoint in {tmp_path / "b"}: the same command with --resume goes on from there' in err
+    assert f'checkpoint in {tmp_path / "b"}: the same command, ultraloop fit --model mlp ' in err
     assert (tmp_path / 'b' / 'checkpoint-000003-epoch1-train7.pt').is_file()  # 10, 20, the epoch end, then ctrl-C
     monkeypatch.setattr(cli, '_metric_cbs', metric_cbs)
     assert fit('parts.csv', 'b', '--resume') == 0

@@ -2,9 +2,12 @@
 tests), and the seed's CNN and an MLP."""
 import gzip
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import cpu_child_env
 
 import ultraloop
 from ultraloop.data import digits, fashion_mnist
@@ -114,6 +117,22 @@ def test_read_idx_shape_from_header(tmp_path):
     p = tmp_path / 'x-idx3-ubyte'
     p.write_bytes(idx_bytes(t))
     assert torch.equal(read_idx(p), t)
+
+
+def test_digits_are_read_without_importing_the_heavy_libraries_and_equal_scikit_learns(tmp_path):
+    """One fresh process: `import ultraloop`, the command's parser and metrics and `digits()` import none of
+    scikit-learn, scipy, pandas, matplotlib or torchmetrics (seconds before a first batch; tqdm is left out: torch.hub
+    imports it); the digits it reads from scikit-learn's file equal load_digits' exactly."""
+    code = (f'import sys, torch, ultraloop; from ultraloop import cli; cli.build_parser(); cli._metric_cbs(10, True); '
+            f'from ultraloop.datasets import _sklearn_digits; torch.save(_sklearn_digits(), {str(tmp_path / "d.pt")!r}); '
+            f'print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"sklearn", "scipy", "pandas", "matplotlib", '
+            f'"torchmetrics"}}))')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, env=cpu_child_env())
+    assert r.returncode == 0 and r.stdout == '[]\n', r.stderr[-2000:]
+    from sklearn.datasets import load_digits
+    images, labels = torch.load(tmp_path / 'd.pt')
+    d = load_digits()
+    assert torch.equal(images, torch.from_numpy(d.images)) and torch.equal(labels, torch.from_numpy(d.target).long())
 
 
 def test_digits_split_is_seeded_disjoint_and_scaled():

@@ -121,6 +121,9 @@ def one_process_reference() -> dict:
         learn = child.learner(32, dls=child.torch_loaders(32))
         with child.captured(): learn.fit(1, train=False)
         ref['dataloader_valid'] = learn.metrics.history
+        learn = child.learner(32, cbs=[counts := child.count_metrics()])
+        with child.captured(): learn.fit(1, train=False)
+        ref['counts'] = counts.history
         return ref
     finally: torch.set_num_threads(n)
 
@@ -155,6 +158,13 @@ def test_ddp_two_processes_of_bs16_train_as_one_of_bs32(runs, reference):
     same_params(r0['params'], reference['params'])
     for r in (r0, r1): same_rows(r['history'], reference['history'])
     assert r0['keys'] == reference['keys'] and r0['world_size'] == 2  # no 'module.' prefix
+
+
+def test_built_in_accuracies_sum_their_counts_over_processes_exactly(runs, reference):
+    for r in runs.load('one', 'ddp'):
+        assert r['counted'] == [101, 101]  # each sample once: not left out, not summed twice
+        same_rows(r['counts'], reference['counts'])
+    assert 0 < reference['counts'][0]['bal'] < 1
 
 
 def test_only_rank0_prints_and_writes_files(runs):

@@ -328,8 +328,10 @@ def test_dls_without_train_valid():
     learn = TrainLearner(toy_model(), [1, 2], F.cross_entropy)
     with pytest.raises(TypeError, match=r'dls has no .train \(list given\): wrap your loaders as DataLoaders'):
         learn.fit(1)
-    with pytest.raises(TypeError, match='DataLoaders needs a train and a valid loader'):
-        DataLoaders([1])
+    for bad in ((), (None,), (None, [1])):
+        with pytest.raises(TypeError, match=r'DataLoaders needs a train loader: DataLoaders\(train_dl, valid_dl\), or '
+                                            r'DataLoaders\(train_dl\) to train without validation'):
+            DataLoaders(*bad)
 
 
 @pytest.mark.parametrize('n, exc, msg', [(-1, ValueError, 'n_epochs must be an int >= 0, got -1'),

@@ -48,14 +48,20 @@ def test_setup_asks_for_the_cpu_build_unless_an_nvidia_gpu_answers(tmp_path):
     assert r.stderr == 'setup.sh: ULTRALOOP_TORCH=rocm is not a choice; use auto, cpu, cuda or skip\n'
 
 
-def test_a_second_setup_only_checks(tmp_path):
-    """A stand-in .venv whose python logs each call: with the set-up current, pip is never run."""
+def standin_repo(tmp_path) -> tuple[Path, Path]:
+    """A copy of setup.sh and pyproject.toml with an empty .venv/bin for stand-in executables: (repo, its .venv/bin)."""
     repo = tmp_path / 'repo'
     (repo / 'scripts').mkdir(parents=True)
     shutil.copy(ROOT / 'scripts' / 'setup.sh', repo / 'scripts')
     shutil.copy(ROOT / 'pyproject.toml', repo)
     venv_bin = repo / '.venv' / 'bin'
     venv_bin.mkdir(parents=True)
+    return repo, venv_bin
+
+
+def test_a_second_setup_only_checks(tmp_path):
+    """A stand-in .venv whose python logs each call: with the set-up current, pip is never run."""
+    repo, venv_bin = standin_repo(tmp_path)
     log = tmp_path / 'calls'
     for exe in ('python', 'ultraloop'):
         (venv_bin / exe).write_text(f'#!/bin/sh\necho "{exe} $*" >> {log}\n')
@@ -95,3 +101,48 @@ def test_bench_readme_names_only_files_this_repository_has():
     named = set(re.findall(r'\b(?:bench|ultraloop|tests|scripts|examples)/[\w./-]*\w', text))
     assert 'bench/overhead.py' in named and 'bench/gpu.py' in named
     for p in named: assert (ROOT / p).exists(), f'bench/README.md names {p}, which the repository does not have'
+
+
+def test_setup_plans_torchvision_from_torchs_source(tmp_path):
+    no_gpu, gpu = 'exit 9', 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"'
+    r = plan(tmp_path, no_gpu, ULTRALOOP_EXTRAS='vision')
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == (
+        'torchvision: pip install torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu (the CPU build, as '
+        "torch's: PyPI's is CUDA-built), then pip install timm"), r.stderr
+    assert plan(tmp_path, gpu, ULTRALOOP_EXTRAS='vision').stdout.splitlines()[1] == (
+        "torchvision: pip install torchvision==0.28.0 (PyPI's, as torch's), then pip install timm")
+    assert len(plan(tmp_path, no_gpu).stdout.splitlines()) == 1  # asked for by name only
+    r = plan(tmp_path, no_gpu, ULTRALOOP_EXTRAS='vision,audio')
+    assert r.returncode == 2 and r.stderr == ('setup.sh: ULTRALOOP_EXTRAS=vision,audio: audio is not a choice; the one '
+                                              'there is: vision\n')
+
+
+@pytest.mark.parametrize('cpu_wheel', [True, False])
+def test_setup_vision_on_a_cpu_torch_never_takes_pypis_cuda_torchvision(tmp_path, cpu_wheel):
+    """A stand-in .venv whose torch is the CPU build and whose CPU index cannot be reached: set-up asks pip's sources
+    for torchvision==0.28.0+cpu; where they have none, it stops with a message instead of taking PyPI's CUDA build."""
+    repo, venv_bin = standin_repo(tmp_path)
+    log = tmp_path / 'calls'
+    (venv_bin / 'python').write_text(f'''#!/bin/sh
+echo "python $*" >> {log}
+case "$*" in
+  *torch.version.cuda*) echo "2.13.0+cpu cpu" ;;
+  *urlopen*) exit 1 ;;
+  *torchvision==0.28.0+cpu*) [ {int(cpu_wheel)} = 1 ] || exit 1 ;;
+  *"import torchvision"*) echo 0.28.0+cpu ;;
+  *"import timm"*) echo 1.0.0 ;;
+esac
+''')
+    (venv_bin / 'python').chmod(0o755)
+    r = subprocess.run(['bash', str(repo / 'scripts' / 'setup.sh'), 'test', 'vision'], capture_output=True, text=True,
+                       timeout=60)
+    pips = [c for c in log.read_text().splitlines() if ' -m pip install' in c and 'pip install -q --upgrade pip' not in c]
+    if cpu_wheel:
+        assert r.returncode == 0 and r.stdout == 'torchvision: 0.28.0+cpu, timm: 1.0.0\n', r.stderr
+        assert pips == ['python -m pip install -q -e .[test]', 'python -m pip install -q torchvision==0.28.0+cpu',
+                        'python -m pip install -q timm']
+        assert (repo / '.venv' / '.ultraloop-setup-test').read_text().endswith(' vision\n')
+    else:
+        assert r.returncode == 1 and pips[-1] == 'python -m pip install -q torchvision==0.28.0+cpu'  # no timm, no PyPI's
+        assert r.stderr.startswith('torchvision: neither https://download.pytorch.org/whl/cpu nor pip\'s configured sources '
+                                   'have torchvision==0.28.0+cpu for this CPU torch; PyPI\'s torchvision is CUDA-built')

@@ -7,6 +7,7 @@ import io
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -19,6 +20,7 @@ N_CLASSES = 10  # digits and FashionMNIST alike
 DEFAULT_LR = {'sgd': 0.1, 'adamw': 3e-3}
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
 SGD_MOMENTUM, ADAMW_WEIGHT_DECAY = 0.9, 0.01
+EXIT_RESUMABLE = 75  # stopped by SIGTERM/SIGUSR1 at a checkpoint: learner.EXIT_RESUMABLE (importing it would import torch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +46,21 @@ def _float_above(lo: float):
         if not (v > lo and math.isfinite(v)): raise argparse.ArgumentTypeError(f'must be a finite number > {lo:g}, got {s}')
         return v
     return parse
+
+
+LOGGERS = {'csv': None, 'tensorboard': ('tensorboard', 'tensorboard'), 'wandb': ('wandb', 'wandb'),
+           'mlflow': ('mlflow', 'mlflow')}  # --log NAME: (module it needs, pip install NAME)
+
+
+def _loggers(s: str) -> list[str]:
+    """--log's comma-separated names, each known and with its library installed (checked before any work)."""
+    import importlib.util
+    names = [n.strip() for n in s.split(',') if n.strip()]
+    for n in names:
+        if n not in LOGGERS: raise argparse.ArgumentTypeError(f'unknown logger {n!r}; choose from {",".join(LOGGERS)}')
+        if LOGGERS[n] is not None and importlib.util.find_spec(LOGGERS[n][0]) is None:
+            raise argparse.ArgumentTypeError(f'{n} needs the {LOGGERS[n][0]} package: pip install {LOGGERS[n][1]}')
+    return list(dict.fromkeys(names))
 
 
 def _add_run_options(p: argparse.ArgumentParser, threads: int | None = None,
@@ -150,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                          'right) and save the metrics plot, the weights (model.pt) and every option with the data\'s '
                          'classes, statistics and split (config.toml) in the run folder: `ultraloop fit --config '
                          'runs/<run>/config.toml` runs it again. A NaN or inf loss stops the run with exit code 1, '
-                         'naming the epoch and batch. '
+                         'naming the epoch and batch; SIGTERM or SIGUSR1 stops it at the end of a batch (checkpointed with '
+                         f'--checkpoint-dir) with exit code {EXIT_RESUMABLE}. '
                          'Started by torchrun (torchrun --nproc-per-node 2 -m ultraloop fit ...), the processes train '
                          'together (DistributedCB).')
     _add_data_model_options(fit)
@@ -160,13 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
                           f'{DEFAULT_LR["adamw"]} for adamw)')
     fit.add_argument('--one-cycle', action='store_true', help='one-cycle schedule (fit_one_cycle) instead of a constant lr')
     fit.add_argument('--csv', type=Path, default=None, metavar='PATH', help='also log each epoch phase to this CSV file')
+    fit.add_argument('--log', type=_loggers, default=[], metavar='NAMES',
+                     help='log the run to each of these, comma-separated: csv (history.csv) and tensorboard '
+                          '(tensorboard/) in the run folder, wandb (W&B project "ultraloop"; WANDB_MODE=offline works '
+                          'without a network), mlflow (MLFLOW_TRACKING_URI, else MLflow\'s default store)')
     fit.add_argument('--checkpoint-dir', type=Path, default=None, metavar='DIR',
-                     help='write a checkpoint to DIR at every epoch end and on ctrl-C (CheckpointCB), keeping the newest 2')
+                     help='write a checkpoint to DIR at every epoch end and on ctrl-C, SIGTERM or SIGUSR1 (CheckpointCB), '
+                          'keeping the newest 2, and go on from the newest there (see --fresh). Stopped by SIGTERM or '
+                          f'SIGUSR1, the command exits with code {EXIT_RESUMABLE}: stopped at a checkpoint, resumable')
     fit.add_argument('--every-batches', type=_int_at_least(1), default=None, metavar='K',
                      help='also checkpoint every K training batches (needs --checkpoint-dir)')
     fit.add_argument('--resume', action='store_true',
-                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped (give the '
-                          'options it was started with); with none there yet, start from the beginning')
+                     help='go on from the newest checkpoint in --checkpoint-dir, exactly where the run stopped; the '
+                          'default with --checkpoint-dir (kept for older command lines)')
+    fit.add_argument('--fresh', action='store_true',
+                     help='start from the beginning even when --checkpoint-dir holds checkpoints; without it the same '
+                          'command line, relaunched (SLURM --requeue, torchrun --max-restarts, after ctrl-C or SIGTERM), '
+                          'goes on from the newest checkpoint there, exactly, and starts afresh while there is none')
+    fit.add_argument('--init-from', type=Path, default=None, metavar='CHECKPOINT',
+                     help="start a new run from a checkpoint's weights only (another lr, optimiser or data: a fine-tune); "
+                          'a run that goes on from its own checkpoint in --checkpoint-dir ignores it')
     fit.add_argument('--early-stop', type=_int_at_least(1), default=None, metavar='PATIENCE',
                      help='stop once the valid loss has not improved for PATIENCE epochs (EarlyStoppingCB)')
     fit.add_argument('--strategy', choices=['ddp', 'fsdp'], default='ddp',
@@ -344,41 +375,52 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
 _TEN_DIGITS = ('digits', 'fashion-mnist', 'mnist1d')  # their table line says no class count, as before
 
 
-def _task_columns(args) -> list[str]:
-    return _regression_columns() if getattr(args, 'task', 'classification') == 'regression' else _columns()
+def _task_columns(args) -> list[str] | None:
+    """The columns a fit logs, where known before the data is loaded (user data may add balanced_accuracy: the CSV
+    logger then checks the file's header before the first batch)."""
+    if getattr(args, 'task', 'classification') == 'regression': return _regression_columns()
+    return _columns() if getattr(args, 'data', 'digits') in _TEN_DIGITS else None
 
 
 def _regression_columns() -> list[str]:
     return ['mae', 'loss', 'epoch', 'train']
 
 
-def _task_metric_cbs(task: str, n_out: int) -> list:
-    """The metrics of a classification (`_metric_cbs`, sized for the data's classes) or, for regression, the mean
-    absolute error beside the loss (mean squared error), both in the target's units."""
-    from .callbacks import MetricsCB
-    if task != 'regression':
-        if n_out == N_CLASSES: return _metric_cbs()
-        from torchmetrics.classification import MulticlassAccuracy
-        # the same metric as _metric_cbs (micro accuracy), for another number of classes
-        return [MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_out, average='micro'))]
+UNBALANCED = 1.5  # largest class over smallest in the training samples beyond which balanced_accuracy is shown too
+
+
+def _unbalanced(y) -> bool:
+    import torch
+    counts = torch.bincount(y.long().flatten())
+    return bool(counts.min() == 0 or counts.max() > UNBALANCED * counts.min())
+
+
+def _task_metric_cbs(task: str, n_out: int, balanced: bool = False) -> list:
+    """The metrics of a classification (`_metric_cbs`, with balanced_accuracy for unbalanced classes) or, for
+    regression, the mean absolute error beside the loss (mean squared error), both in the target's units."""
+    if task != 'regression': return _metric_cbs(n_out, balanced=True) if balanced else _metric_cbs()  # micro: any n_out
     from torchmetrics.regression import MeanAbsoluteError
+
+    from .callbacks import MetricsCB
     m = MetricsCB(mae=MeanAbsoluteError())
     assert m.columns == _regression_columns()
     return [m]
 
 
-def _columns() -> list[str]:
-    return ['accuracy', 'loss', 'epoch', 'train']  # what _metric_cbs logs: a --csv file is checked against it up front
+def _columns(balanced: bool = False) -> list[str]:
+    """What _metric_cbs logs (a --csv file is checked against it up front): `accuracy` is the micro accuracy, the share
+    of samples classified right; `balanced_accuracy`, the mean recall over classes, joins it for unbalanced classes."""
+    return ['accuracy', *(['balanced_accuracy'] if balanced else []), 'loss', 'epoch', 'train']
 
 
-def _metric_cbs() -> list:
-    from torchmetrics.classification import MulticlassAccuracy
-
+def _metric_cbs(n_classes: int = N_CLASSES, balanced: bool = False) -> list:
+    """MetricsCB with the built-in accuracies: exact counts summed over processes, and no torchmetrics import (with the
+    scipy it pulls in, about 3 s before the first batch)."""
     from .callbacks import MetricsCB
-    # micro: the share of samples classified right, what "accuracy" means to most readers (torchmetrics' default
-    # for MulticlassAccuracy is the macro mean over classes)
-    m = MetricsCB(accuracy=MulticlassAccuracy(num_classes=N_CLASSES, average='micro'))
-    assert m.columns == _columns()
+    from .callbacks.metrics import BalancedAccuracy, MicroAccuracy
+    ms = {'accuracy': MicroAccuracy(), **({'balanced_accuracy': BalancedAccuracy(n_classes)} if balanced else {})}
+    m = MetricsCB(**ms)
+    assert m.columns == _columns(balanced)
     return [m]
 
 
@@ -386,6 +428,7 @@ def _train(learn, out: Path, run) -> int:
     """`run(extra_cbs)` fits; the metrics plot of the phases that finished is saved even on ctrl-C. A NaN or inf loss
     ends the fit (TerminateOnNaNCB) and the command with exit code 1, naming where it happened."""
     from .callbacks import TerminateOnNaNCB
+    from .learner import Preempted
     nan = TerminateOnNaNCB('stop')
 
     def plot() -> str:
@@ -396,7 +439,7 @@ def _train(learn, out: Path, run) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='(TerminateOnNaNCB|MetricsCB): ')  # said below, as the error
             run([nan])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted):
         if saved := plot(): print(f'interrupted: {saved}')
         raise
     saved = plot()
@@ -418,7 +461,8 @@ def _lr_find_quietly(learn, out: Path, **kwargs) -> float | None:
 
 def _last_valid(learn) -> str:
     hist = [h for h in learn.metrics.history if h.get('train') != 'train']
-    return ', '.join(f'{k} {v:.3f}' for k, v in hist[-1].items() if k in ('accuracy', 'mae', 'loss')) if hist else ''
+    shown = ('accuracy', 'balanced_accuracy', 'mae', 'loss')
+    return ', '.join(f'{k} {v:.3f}' for k, v in hist[-1].items() if k in shown) if hist else ''
 
 
 # ---- the commands ------------------------------------------------------------------------------------------------
@@ -441,8 +485,10 @@ def _demo(args) -> int:
 
 def _check_long_run_args(args) -> None:
     ck = args.checkpoint_dir
-    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume)):
+    for flag, given in (('--every-batches', args.every_batches is not None), ('--resume', args.resume),
+                        ('--fresh', args.fresh)):
         if given and ck is None: args.parser.error(f'{flag} needs --checkpoint-dir DIR, the folder of the checkpoints')
+    if args.resume and args.fresh: args.parser.error('--resume and --fresh contradict each other: give one (or neither: resume)')
     if ck is not None and ck.exists() and not ck.is_dir(): args.parser.error(f'--checkpoint-dir {ck} is a file; give a folder')
 
 
@@ -454,11 +500,13 @@ def _fit(args) -> int:
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.opt]
     from .callbacks.distributed import DistributedCB, launched
     if launched(): learn.add_cb(DistributedCB(args.strategy))  # torchrun started this process: train with the others
-    learn.add_cbs(_task_metric_cbs(args.loaded.task, args.loaded.n_out))
+    data = args.loaded
+    learn.add_cbs(_task_metric_cbs(data.task, data.n_out, data.task != 'regression' and _unbalanced(data.y_train)))
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
-    resume, ck, stop = None, args.checkpoint_dir, None
+    learn.add_cbs(_logger_cbs(args, out))
+    resume, ck, stop, newest = None, args.checkpoint_dir, None, None
     if args.early_stop is not None:
         from .callbacks import EarlyStoppingCB
         learn.add_cb(stop := EarlyStoppingCB(patience=args.early_stop))
@@ -466,18 +514,30 @@ def _fit(args) -> int:
         from .callbacks import CheckpointCB
         from .state import newest_checkpoint
         learn.add_cb(CheckpointCB(ck, every_batches=args.every_batches))
-        newest = newest_checkpoint(ck) if args.resume and ck.is_dir() else None
-        if newest is not None: resume = ck; print(f'resuming from {newest}')
-        elif args.resume: print(f'no checkpoint in {ck} yet: starting from the beginning')
+        newest = newest_checkpoint(ck) if not args.fresh and ck.is_dir() else None
+        if newest is not None: print(f'resuming from {newest}')
+        elif not args.fresh: print(f'no checkpoint in {ck} yet: starting from the beginning')
+        if not args.fresh: resume = 'auto'  # the CheckpointCB's folder: the newest there, else a fresh start
+    if args.init_from is not None and newest is None:  # a run going on from its own checkpoint keeps its weights
+        learn.load_state(args.init_from, weights_only=True)
+        print(f'weights from {args.init_from} (a new run)')
 
     def run(cbs):
         try:
             if args.one_cycle: learn.fit_one_cycle(args.epochs, lr, cbs=cbs, resume=resume)
             else: learn.fit(args.epochs, lr=lr, cbs=cbs, resume=resume)
         except KeyboardInterrupt:
-            if ck is not None: print(f'checkpoint in {ck}: the same command with --resume goes on from there', file=sys.stderr)
+            if ck is not None: print(f'checkpoint in {ck}: {_again(args)} goes on from there', file=sys.stderr)
             raise
-    if code := _train(learn, out, run): return code
+    from .learner import Preempted
+    try: code = _train(learn, out, run)
+    except Preempted as e:  # SIGTERM or SIGUSR1: fit printed where it stopped and the checkpoint
+        if _main_process():
+            print(f'ultraloop: stopped by {e.signal.name}, exit code {EXIT_RESUMABLE}: '
+                  + (f'{_again(args)} goes on from the checkpoint' if e.checkpoint is not None
+                     else 'without --checkpoint-dir there is no checkpoint to go on from'), file=sys.stderr)
+        return EXIT_RESUMABLE
+    if code: return code
     if stop is not None and stop.stopped_epoch is not None:
         print(f'early stop after epoch {stop.stopped_epoch}: no better valid loss for {stop.patience} epochs')
     print(f'valid: {_last_valid(learn)}')
@@ -503,9 +563,28 @@ def _save_run(args, learn, out: Path) -> None:
           f'weights: {out / "model.pt"}')
 
 
-_NOT_OPTIONS = ('command', 'parser', 'run', 'made', 'loaded', 'data_info', 'config', 'debug')
+_NOT_OPTIONS = ('command', 'parser', 'run', 'made', 'loaded', 'data_info', 'config', 'debug', 'argv', 'log')
 # output paths: a run repeated from its config gets its own folder and files unless they are given again
-_OUTPUT_OPTIONS = ('out', 'csv', 'save', 'checkpoint_dir', 'every_batches', 'resume')
+_OUTPUT_OPTIONS = ('out', 'csv', 'save', 'checkpoint_dir', 'every_batches', 'resume', 'fresh')
+
+
+def _again(args) -> str:
+    """The command that goes on from the checkpoint: this one, without --fresh."""
+    argv = [a for a in args.argv if a != '--fresh']
+    if 'LOCAL_RANK' in os.environ: return 'the same torchrun command'
+    return 'the same command, ' + shlex.join(['ultraloop', *argv]) + ','
+
+
+def _logger_cbs(args, out: Path) -> list:
+    """The callbacks --log asks for: CSV and TensorBoard files in the run folder, a W&B run (its files in the run
+    folder too) or an MLflow run named after the run folder, with the command's options as hyper-parameters."""
+    from . import callbacks as cbs
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if v is not None and k not in _NOT_OPTIONS}
+    made = {'csv': lambda: cbs.CSVLoggerCB(out / 'history.csv'), 'tensorboard': lambda: cbs.TensorBoardCB(out / 'tensorboard'),
+            'wandb': lambda: cbs.WandbCB(project='ultraloop', name=out.name, config=options, dir=str(out)),
+            'mlflow': lambda: cbs.MLflowCB(run_name=out.name, params=options)}
+    return [made[n]() for n in args.log]
 
 
 def _save_weights(model, path: Path, option: str = '--save') -> None:
@@ -620,9 +699,10 @@ def _evaluate(args) -> int:
     info = cfg['data']
     x, y, _ = load_inputs(args.data, info, labelled=True)
     regression = info['task'] == 'regression'
+    metric_cbs = _task_metric_cbs(info['task'], info['n_out'], not regression and _unbalanced(y))
     dls = DataLoaders.from_tensors(x, y, x, y, bs=args.bs, shuffle=False)
     learn = Learner(model, dls, F.mse_loss if regression else F.cross_entropy,
-                    cbs=[TrainCB(), DeviceCB(device), ProgressCB(), *_task_metric_cbs(info['task'], info['n_out'])])
+                    cbs=[TrainCB(), DeviceCB(device), ProgressCB(), *metric_cbs])
     print(f'model: {args.checkpoint} (config {path}); data: {args.data} ({len(x):,} samples)')
     cp = CapturePreds()
     learn.fit(1, train=False, cbs=[cp])
@@ -678,8 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     them whole; any other exception, such as a bug in the library, propagates with its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command in ('fit', 'lr-find') and args.config is not None: args = _with_config(parser, argv, args)
+        if args.command in ('fit', 'lr-find') and args.config is not None:
+            args = _with_config(parser, argv, args)
+            args.argv = sys.argv[1:] if argv is None else list(argv)
         with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()):
             return args.run(args)  # under torchrun only the main process prints
     except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these

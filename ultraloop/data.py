@@ -224,12 +224,14 @@ def n_counted(dl) -> int | None:
 
 
 class DataLoaders:
-    """A train and a valid loader: `DataLoaders(train_dl, valid_dl)`; any iterables of batches will do."""
+    """A train and a valid loader: `DataLoaders(train_dl, valid_dl)`; any iterables of batches will do.
+    `DataLoaders(train_dl)` (or a valid loader of None) trains without validation: `fit` runs no valid phase."""
 
     def __init__(self, *dls):
-        if len(dls) < 2:
-            raise TypeError(f'DataLoaders needs a train and a valid loader, got {len(dls)}: DataLoaders(train_dl, valid_dl)')
-        self.train, self.valid = dls[:2]
+        if not dls or dls[0] is None:
+            raise TypeError('DataLoaders needs a train loader: DataLoaders(train_dl, valid_dl), or DataLoaders(train_dl) '
+                            'to train without validation')
+        self.train, self.valid = dls[0], dls[1] if len(dls) > 1 else None
 
     @classmethod
     def from_tensors(cls, x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
@@ -241,17 +243,27 @@ class DataLoaders:
 
     @classmethod
     def from_dd(cls, dd: Mapping, batch_size: int, as_tuple: bool = True, **kwargs) -> DataLoaders:
-        """The course's loaders from a dict of two datasets of dicts, 'train' and the valid one (a Hugging Face
-        `DatasetDict` such as `dsd.with_transform(f)`): `get_dls` over them with `collate_dict(dd['train'], as_tuple)`,
-        so batches are tuples of the columns (x, y); `kwargs` (num_workers, ...) go to both DataLoaders."""
+        """The course's loaders from a dict of datasets of dicts (a Hugging Face `DatasetDict` such as
+        `dsd.with_transform(f)`): `get_dls` over 'train' and the valid split with `collate_dict(dd['train'], as_tuple)`,
+        so batches are tuples of the columns (x, y), or with `as_tuple=False` dicts (name the keys with
+        `TrainCB(inputs=..., target=...)`). The valid split is `valid='validation'` (a keyword: its name), else the one
+        split besides 'train'; a dict with 'train' alone trains without validation. Other `kwargs` (num_workers, ...)
+        go to both DataLoaders."""
+        valid = kwargs.pop('valid', None)  # keyword-only, after **kwargs in effect: miniai's signature stays as it was
         if not isinstance(dd, Mapping) or 'train' not in dd:
             raise TypeError(f"from_dd needs a dict of datasets with a 'train' split (a DatasetDict), got "
                             f'{type(dd).__name__}' + (f' with splits {list(dd)}' if isinstance(dd, Mapping) else ''))
-        if len(dd) != 2:
-            raise ValueError(f"from_dd needs exactly two splits ('train' and a valid one), got {list(dd)}: pass "
-                             f"{{'train': dd['train'], 'valid': dd[...]}}")
-        valid = next(v for k, v in dd.items() if k != 'train')  # 'test', 'validation', ...: the other split
-        return cls(*get_dls(dd['train'], valid, bs=batch_size, collate_fn=collate_dict(dd['train'], as_tuple), **kwargs))
+        if valid is not None and (valid == 'train' or valid not in dd):
+            raise ValueError(f'from_dd: valid={valid!r} is not a split besides train; the splits are {list(dd)}')
+        if valid is None and len(dd) > 2:
+            raise ValueError(f"from_dd needs exactly two splits ('train' and a valid one), got {list(dd)}: name the valid "
+                             f"one, e.g. from_dd(dd, {batch_size}, valid={next(k for k in dd if k != 'train')!r})")
+        if valid is None: valid = next((k for k in dd if k != 'train'), None)  # 'test', 'validation', ...: the other one
+        collate = collate_dict(dd['train'], as_tuple)
+        if valid is None:  # training without validation
+            check_int('from_dd: batch_size', batch_size, 1)
+            return cls(DataLoader(dd['train'], batch_size=batch_size, shuffle=True, collate_fn=collate, **kwargs))
+        return cls(*get_dls(dd['train'], dd[valid], bs=batch_size, collate_fn=collate, **kwargs))
 
 
 # Bundled and on-disk datasets live in their own module; re-exported so `ultraloop.data.digits()` works.

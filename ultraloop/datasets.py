@@ -31,17 +31,31 @@ def digits(valid_pct: float = 0.2, seed: int = 42) -> tuple[torch.Tensor, torch.
     a `valid_pct` share of a permutation seeded with `seed` is held out. `DataLoaders.from_tensors(*digits())`.
     """
     check_number('valid_pct', valid_pct, gt=0, lt=1, hint=' (the share held out, e.g. 0.2)')
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError('digits() needs scikit-learn: pip install scikit-learn (or ultraloop[demo])') from None
-    d = load_digits()
-    x = _normalise(torch.from_numpy(d.images).unsqueeze(1), 16.0)  # pixels are counts 0..16
-    y = torch.from_numpy(d.target).long()
+    images, y = _sklearn_digits()
+    x = _normalise(images.unsqueeze(1), 16.0)  # pixels are counts 0..16
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_valid = round(len(x) * valid_pct)
     tr, va = idx[n_valid:], idx[:n_valid]
     return x[tr], y[tr], x[va], y[va]
+
+
+def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits' images (N, 8, 8, float64) and labels (int64), read from the file scikit-learn ships
+    (sklearn/datasets/data/digits.csv.gz: 64 pixels and the label per line, as its load_digits reads it) without
+    importing scikit-learn, whose import (scipy, pandas) costs seconds before the first batch."""
+    import importlib.util
+    try: spec = importlib.util.find_spec('sklearn')
+    except ValueError: spec = None
+    if spec is None:
+        raise ImportError('digits() needs scikit-learn: pip install scikit-learn (or ultraloop[demo])')
+    path = Path(next(iter(spec.submodule_search_locations))) / 'datasets' / 'data' / 'digits.csv.gz'
+    if not path.is_file():  # a layout of another version: let scikit-learn find it
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        return torch.from_numpy(d.images), torch.from_numpy(d.target).long()
+    with gzip.open(path, 'rt') as f:
+        t = torch.tensor([[float(v) for v in line.split(',')] for line in f if line.strip()], dtype=torch.float64)
+    return t[:, :64].reshape(-1, 8, 8), t[:, 64].long()
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from . import state
 from .utils import check_int, check_number, module_names
 
 __all__ = ['EVENTS', 'STEP_METHODS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelStepException', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
+           'CancelStepException', 'Preempted', 'EXIT_RESUMABLE', 'Callback', 'Learner', 'TrainLearner', 'MomentumLearner']
 
 # Every event, in the order a fit meets it, with what is true when it fires. The single list the loop,
 # the typo check, TraceCB and show_training_loop() read.
@@ -60,10 +61,34 @@ class CancelStepException(Exception):
     so the next backward adds to them (gradient accumulation). `after_batch` still runs, so metrics see the batch."""
 
 
+# The exit status of a run stopped by SIGTERM or SIGUSR1 at a checkpoint: sysexits.h's EX_TEMPFAIL ("a temporary
+# failure: try again later"), which a requeue script, SLURM's RequeueExit or a Kubernetes podFailurePolicy can single out
+# from a failure (1) and from a process killed by the signal itself (143 = 128 + 15), which kept no checkpoint.
+EXIT_RESUMABLE = 75
+
+
+class Preempted(SystemExit):
+    """`fit` was stopped by SIGTERM or SIGUSR1 (a scheduler ending or preempting the job: SLURM, Kubernetes, a spot
+    machine, `docker stop`): the batch it came in ended, CheckpointCB wrote a checkpoint there, and this is raised on
+    every process. A SystemExit, so `except Exception` does not swallow the request to stop, and an uncaught one ends
+    the script with `code` EXIT_RESUMABLE (75) after fit printed `str(e)`. `signal`: the signal (`signal.Signals`);
+    `checkpoint`: the checkpoint to go on from (a Path), or None without CheckpointCB."""
+
+    def __init__(self, sig, checkpoint, message: str):
+        super().__init__(EXIT_RESUMABLE)
+        self.signal, self.checkpoint, self.message = sig, checkpoint, message
+
+    def __str__(self) -> str: return self.message
+
+    def __reduce__(self): return type(self), (self.signal, self.checkpoint, self.message)  # pickles (to another process)
+
+
 class Callback:
     """Base class for callbacks. A hook is a method named after an event (see `EVENTS`) taking the learner;
     a step method (`predict`, `get_loss`, `backward`, `step`, `zero_grad`) replaces the Learner's own.
-    Callbacks run sorted by `order`, ties in the order they were added."""
+    Callbacks run sorted by `order`, ties in the order they were added. `added(learn)` and `removed(learn)`, where a
+    callback defines them, run when `add_cbs`/`rm_cbs` (and so `Learner(cbs=...)` and `fit(cbs=...)`) add or remove it:
+    a callback that makes itself an attribute of the learner (MetricsCB's `learn.metrics`) does so in `added`."""
     order = 0
 
     @property
@@ -128,10 +153,16 @@ class Learner:
       model (rw), dls (r), loss_func (r), lr (r), opt (rw: created at fit start from opt_func), opt_func (r),
       cbs (r: change it with add_cb / rm_cb), n_epochs, epochs (r), epoch (r), training (r: model.training),
       dl (rw: the phase's loader), iter (r: batch index in the phase), batch (rw), preds (rw), loss (rw),
-      interrupted (r: a ctrl-C came during this fit; the loop stops when the current batch's cleanup_batch is done),
+      interrupted (r: a signal stops the fit at this batch: set at the batch's end, before cleanup_batch, after which
+      the loop stops), stop_signal (r: the signal (ctrl-C's SIGINT, SIGTERM, SIGUSR1) that asked this fit to stop, else
+      None), stop_requested (rw: the loop stops at the end of the batch in which it is True; fit's signal handler sets
+      it, unless hold_signals (rw) is True: then DistributedCB sets it, at a batch every process agrees on),
+      last_checkpoint (rw: the newest checkpoint file written in this fit; CheckpointCB sets it, a stop names it),
       sync_grads (rw: whether this batch's backward must reduce gradients across processes; GradientAccumulationCB sets
       it False before non-final micro-batches, DistributedCB reads it before the forward),
-      rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True).
+      rank, world_size, is_main (r: from the process group, else torchrun's RANK and WORLD_SIZE, else 0, 1, True),
+      metrics (r: the MetricsCB last added, from the moment it is added; set by the callback's `added`).
+    `dls` is anything with `.train` and `.valid`; a `.valid` of None (`DataLoaders(train)`) means no valid phase.
     The step methods `predict`, `get_loss`, `backward`, `step`, `zero_grad` come from a subclass (TrainLearner)
     or from exactly one callback (TrainCB); callbacks may call them, e.g. `learn.step()`. `train_step()` runs them with
     the events between (a callback may provide its own `train_step`, as CudaGraphCB does).
@@ -139,10 +170,11 @@ class Learner:
     that define them (ARCHITECTURE.md says which); `import ultraloop` attaches them all.
     """
 
-    interrupted = False
-    _sigint = False  # set by the ctrl-C handler fit installs (see _DeferredInterrupt)
+    interrupted = stop_requested = hold_signals = False
+    stop_signal = last_checkpoint = None
     _stale_grads = False  # a fit ended with an error: the .grad it left must not leak into the next fit
     _resume = None  # a state.Resume while fit(resume=...) picks a run up
+    _no_valid_dl = False  # this fit asked for valid phases but dls.valid is None (DataLoaders(train)), so it runs none
     sync_grads = True  # see above; a class default, so a fit without accumulation or processes never sets it
 
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
@@ -163,6 +195,8 @@ class Learner:
                 raise ValueError(f'{cb!r} is already in learn.cbs; pass a new instance to run it twice')
         self.cbs.extend(cbs)
         self._update_cbs()
+        for cb in cbs:  # a callback that attaches itself to the learner (learn.metrics) does it now, not at fit start
+            if callable(added := getattr(cb, 'added', None)): added(self)
         return self
 
     def add_cb(self, cb) -> Learner: return self.add_cbs([cb])
@@ -173,6 +207,8 @@ class Learner:
             if not any(cb is o for o in self.cbs): raise ValueError(f'{cb!r} is not in learn.cbs, so it cannot be removed')
         self.cbs[:] = [o for o in self.cbs if not any(o is cb for cb in cbs)]
         self._update_cbs()
+        for cb in cbs:
+            if callable(removed := getattr(cb, 'removed', None)): removed(self)
         return self
 
     def rm_cb(self, cb) -> Learner: return self.rm_cbs([cb])
@@ -228,24 +264,37 @@ class Learner:
         """Train for `n_epochs` (each a train then a valid phase). `cbs` are added for this call only;
         `lr` (default `self.lr`) is the learning rate every parameter group starts this fit with.
         `resume`: a checkpoint file, a folder (its newest checkpoint) or a `state_dict()`: the fit goes on from the very
-        batch after the one the state was captured at, as if the run had never stopped. A ctrl-C waits for the
-        current batch to end (a second one interrupts at once), then raises KeyboardInterrupt."""
+        batch after the one the state was captured at, as if the run had never stopped; a state saved with other
+        settings (model, optimiser, batch size, lr, schedule, ...) is refused before anything changes. `resume='auto'`:
+        the folder of the learner's CheckpointCB: its newest checkpoint, or a fresh start when it holds none (so one
+        script, relaunched by SLURM's --requeue or torchrun --max-restarts, starts or goes on). A run resumed after its
+        last epoch trains no more: fit says so, and MetricsCB prints the run's table.
+        Signals: a ctrl-C (SIGINT), SIGTERM or SIGUSR1 waits for the current batch to end, CheckpointCB writes a
+        checkpoint there, then fit raises KeyboardInterrupt (ctrl-C) or `Preempted` (SIGTERM, SIGUSR1: a SystemExit with
+        code 75, EXIT_RESUMABLE, after printing one line naming the checkpoint). A second signal acts at once, as it
+        would without fit (ctrl-C: KeyboardInterrupt; SIGTERM: the process ends). Under several processes every process
+        stops at the same batch (DistributedCB agrees on it). The handlers are installed in the main thread, for the fit
+        only, over Python's defaults (a handler of your own stays in charge), and the previous ones come back after."""
         self._check_fit_args(n_epochs, train, valid, lr)
+        self._no_valid_dl = valid and getattr(self.dls, 'valid', 0) is None  # DataLoaders(train): no valid phase
+        valid = valid and not self._no_valid_dl
         cbs = _as_cbs(cbs)
         self.add_cbs(cbs)  # rebuilds the table even for no cbs: a callback's order may have changed since it was added
         try:
             self._check_steps(train)
-            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
-            self._resume = None if resume is None else state.Resume(self, resume, n_epochs)  # read and checked first
+            fit_lr = self.lr if lr is None else lr  # a resumed run must keep it (the state records it)
+            self._resume = None if resume is None else state.resume(self, resume, n_epochs, fit_lr)  # read and checked first
+            self.n_epochs, self.epochs, self._fit_lr = n_epochs, range(n_epochs), fit_lr
             self._fit_phases, self._last_phase, self._in_phase, self.interrupted = (train, valid), None, False, False
+            self.last_checkpoint = None
             self._loaded_position = None
-            self._prepare_opt(self.lr if lr is None else lr)
+            self._prepare_opt(fit_lr)
             if self._stale_grads: self._clear_grads()
             try:
-                with _DeferredInterrupt(self):
+                with _StopOnSignal(self):
                     self._with_events(self._do_fit, 'before_fit', 'after_fit', 'cleanup_fit', CancelFitException, train,
                                       valid)
-                    if self._sigint: raise KeyboardInterrupt  # a ctrl-C that came after the last batch
+                    if self.stop_requested: self.interrupted = True; raise self._stopped()  # it came after the last batch
             except BaseException:
                 # an error (not a ctrl-C deferred to a batch's end) may leave a half-made step's .grad: it stays for
                 # inspection, and the next fit starts without it (a successful fit keeps it, as MomentumLearner needs)
@@ -257,7 +306,10 @@ class Learner:
 
     def _do_fit(self, train: bool, valid: bool) -> None:
         epoch, phase = 0, 'train'
-        if self._resume is not None: epoch, phase = self._resume.start(self)  # after before_fit made what it makes
+        if self._resume is not None:
+            epoch, phase = self._resume.start(self)  # after before_fit made what it makes
+            if self._resume.finished and self.is_main:
+                print(f'{self._resume.what}: the run is finished (its {self.n_epochs} epochs are done): nothing left to train')
         for self.epoch in self.epochs[epoch:]:
             if train and phase == 'train': self.one_epoch(True)
             phase = 'train'
@@ -300,10 +352,23 @@ class Learner:
                     for f in h['after_loss']: f(self)
                 for f in h['after_batch']: f(self)
             except CancelBatchException: pass
-            self.interrupted = self._sigint  # read once, at the batch's end: CheckpointCB's cleanup_batch and the raise agree
+            self.interrupted = self.stop_requested  # read once, at the batch's end: CheckpointCB's save and the raise agree
         finally:
             for f in h['cleanup_batch']: f(self)
-        if self.interrupted: raise KeyboardInterrupt
+        if self.interrupted: raise self._stopped()
+
+    def _stopped(self) -> BaseException:
+        """What a fit stopped by a signal raises: KeyboardInterrupt for a ctrl-C, else Preempted, whose one line the
+        main process prints (an uncaught SystemExit prints nothing)."""
+        sig = self.stop_signal
+        if sig is None or sig == signal.SIGINT: return KeyboardInterrupt()
+        ck = self.last_checkpoint
+        phase = 'train' if self.training else 'valid'
+        where = f'after epoch {self.epoch} {phase} batch {self.iter}' if self._in_phase else 'at the end of the fit'
+        msg = f'fit stopped by {sig.name} {where}; ' + (f'checkpoint: {ck}' if ck is not None else
+                                                           'no checkpoint written (CheckpointCB would write one here)')
+        if self.is_main: print(f'ultraloop: {msg}', file=sys.stderr, flush=True)
+        return Preempted(sig, ck, msg)
 
     def train_step(self) -> None:
         """The train step, from predict to zero_grad, with the events between. The one place it is written: a callback
@@ -410,11 +475,14 @@ class Learner:
         `state_dict()`, the loaders, the RNGs and where the loop is. Tensors are the live ones: save or copy it."""
         return state.learner_state(self)
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, weights_only: bool = False) -> None:
         """Put back a `state_dict()`: weights, gradients, optimiser (made first if this learner has none yet),
-        callbacks' states (matched by class and order: a mismatch is an error naming it), loaders and RNGs. To go on
-        from where it was captured, pass it to `fit(resume=sd)` instead."""
-        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr))
+        callbacks' states (matched by class and order), loaders and RNGs; all checked first (model, optimiser, loaders,
+        callbacks and their settings: a mismatch is a one-line error naming it, and changes nothing). To go on from
+        where it was captured, pass it to `fit(resume=sd)` instead. `weights_only=True` loads only the weights and
+        buffers: a new run (a fine-tune with another lr, optimiser or data) starts from them."""
+        if weights_only: return state.load_weights(self, sd)
+        state.load_learner_state(self, sd, create_opt=lambda: self._prepare_opt(self.lr), unshare=True)
 
     def save_state(self, path: str | os.PathLike) -> None:
         """Write `state_dict()` to `path`, atomically (a crash leaves the previous file whole). Under several processes
@@ -422,10 +490,12 @@ class Learner:
         sd = self.state_dict()
         if self.is_main: state.save_file(sd, path)
 
-    def load_state(self, path: str | os.PathLike) -> None:
+    def load_state(self, path: str | os.PathLike, weights_only: bool = False) -> None:
         """Read a state saved by `save_state` or CheckpointCB (with `torch.load(weights_only=True)`: a file holding any
-        other pickled object is refused unread) and `load_state_dict` it."""
+        other pickled object is refused unread; its checksum checked) and `load_state_dict` it (`weights_only`: the
+        weights alone, to start a new run from them)."""
         sd = state.load_file(path)
+        if weights_only: return state.load_weights(self, sd, str(path))
         state.load_learner_state(self, sd, str(path), create_opt=lambda: self._prepare_opt(self.lr))
 
     # ---- debugging ------------------------------------------------------------------------------------------
@@ -495,27 +565,41 @@ def _installed_hooks(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-class _DeferredInterrupt:
-    """During fit, a ctrl-C (SIGINT) only sets `learn._sigint`; the loop raises KeyboardInterrupt once the current batch
-    has ended, so no optimiser step is half applied (and CheckpointCB can write a last checkpoint). A second ctrl-C
-    interrupts at once. Installed only in the main thread, over Python's default handler, and only for the fit."""
+# The signals fit turns into a stop at the batch's end, each with the handler it may replace (Python's default).
+_STOP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                 **({signal.SIGUSR1: signal.SIG_DFL} if hasattr(signal, 'SIGUSR1') else {})}  # no SIGUSR1 on Windows
 
-    def __init__(self, learn): self.learn, self.prev = learn, None
+
+class _StopOnSignal:
+    """During fit, a ctrl-C (SIGINT), SIGTERM or SIGUSR1 only records `learn.stop_signal` and sets `learn.stop_requested`
+    (or, with `learn.hold_signals`, leaves that to DistributedCB); the loop stops once the current batch has ended, so no
+    optimiser step is half applied and CheckpointCB can write a last checkpoint. The first signal puts the previous
+    handlers back, so a second one acts at once as it would without fit, even inside a long C call. Installed only in
+    the main thread, only over Python's default handlers (one of your own stays), and only for the fit."""
+
+    def __init__(self, learn): self.learn, self.prev = learn, {}
 
     def __enter__(self):
-        self.learn._sigint = False
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.prev = signal.signal(signal.SIGINT, self._handler)
+        learn = self.learn
+        learn.stop_signal, learn.stop_requested = None, False
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in _STOP_SIGNALS.items():
+                if signal.getsignal(sig) is default: self.prev[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
-        if self.learn._sigint: raise KeyboardInterrupt  # the second ctrl-C
-        self.learn._sigint = True
+        self._restore()
+        learn = self.learn
+        learn.stop_signal = signal.Signals(signum)
+        if not learn.hold_signals: learn.stop_requested = True
+
+    def _restore(self) -> None:
+        for sig, h in self.prev.items(): signal.signal(sig, h)
+        self.prev = {}
 
     def __exit__(self, *exc) -> None:
-        if self.prev is not None: signal.signal(signal.SIGINT, self.prev)
-        self.learn._sigint = False
+        self._restore()
+        self.learn.stop_requested = False
 
 
 class _BoundStep:
@@ -530,16 +614,78 @@ class _BoundStep:
     def cb_self(self): return getattr(self.f, '__self__', self.f)
 
 
+def _keys(who: str, nm: str, v) -> tuple | None:
+    if v is None: return None
+    ks = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else ()
+    if not ks or not all(isinstance(k, str) for k in ks):
+        raise TypeError(f"{who}: {nm} names the key of a dict batch it takes, or a list of keys (e.g. {nm}="
+                        f"{'image' if nm == 'inputs' else 'label'!r}), got {v!r}")
+    return ks
+
+
+def check_batch_keys(who: str, inputs, target) -> tuple[tuple | None, tuple | None]:
+    """`inputs` and `target` (a dict batch's key, or a list of keys; None: see `split_batch`) as tuples of keys,
+    checked: a one-line error names `who` and the bad value."""
+    xk, yk = _keys(who, 'inputs', inputs), _keys(who, 'target', target)
+    if xk and yk and (both := [k for k in xk if k in yk]):
+        raise ValueError(f'{who}: {both[0]!r} is named in inputs and in target; a key goes to the model or to the loss')
+    return xk, yk
+
+
+def split_batch(b, n_inp: int = 1, inputs: tuple | None = None, target: tuple | None = None) -> tuple[tuple, tuple]:
+    """The model's inputs and the loss's targets in batch `b`, as two tuples. A list or tuple: its first `n_inp`
+    elements, then the rest. A dict (a Hugging Face dataset's batch with `as_tuple=False`): by key. `inputs` and
+    `target` (tuples of keys, from `check_batch_keys`) name them; with one named, the other is every other key, in the
+    dict's order; with neither, the first `n_inp` keys are the inputs and the rest the targets (the order of
+    collate_dict's tuples). A key the dict lacks is a one-line error listing its keys."""
+    if isinstance(b, (list, tuple)): return tuple(b[:n_inp]), tuple(b[n_inp:])
+    keys = list(b)
+    if inputs is None and target is None: xk, yk = keys[:n_inp], keys[n_inp:]
+    elif target is None: xk, yk = inputs, [k for k in keys if k not in inputs]
+    elif inputs is None: xk, yk = [k for k in keys if k not in target], target
+    else: xk, yk = inputs, target
+    missing = [k for k in (*xk, *yk) if k not in b]
+    if missing or not xk:
+        problem = (f"has no {', '.join(map(repr, missing))}" if missing else
+                   f'leaves no key for the model after target={list(target)}')
+        raise ValueError(f'the batch is a dict with keys {keys}, which {problem}: name the model\'s inputs and the '
+                         f'target among those keys, e.g. TrainCB(inputs={keys[0]!r}, target={keys[-1]!r}) or '
+                         f'TrainLearner(..., inputs={keys[0]!r}, target={keys[-1]!r})')
+    return tuple(b[k] for k in xk), tuple(b[k] for k in yk)
+
+
+def batch_split(learn) -> tuple[int, tuple | None, tuple | None]:
+    """`(n_inp, inputs, target)` of whoever provides `learn.get_loss` (a callback such as TrainCB, else the learner): how
+    the step splits a batch (`split_batch`), for callbacks that need the same split (MetricsCB's targets)."""
+    f = vars(learn).get('get_loss')
+    owner = f.cb_self if isinstance(f, _BoundStep) else learn
+    return getattr(owner, 'n_inp', 1), getattr(owner, 'inputs', None), getattr(owner, 'target', None)
+
+
 class TrainLearner(Learner):
     """A Learner with the plain supervised step: the first `n_inp` batch elements (class attribute, 1 by default; set
-    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`."""
+    `learn.n_inp = 2` for `model(x, t)`) are the model's inputs and the rest go to the loss, as with `TrainCB(n_inp)`.
+    A dict batch is split by key: `inputs` and `target` name the keys (one, or a list) the model and the loss take
+    (`TrainLearner(model, dls, F.cross_entropy, inputs='image', target='label')`); see `split_batch` for the rule
+    without them."""
     n_inp = 1
+    inputs = target = None
+
+    def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
+                 cbs=None, opt_func: Callable | None = optim.SGD, *, inputs=None, target=None):
+        self.inputs, self.target = check_batch_keys(type(self).__name__, inputs, target)
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
 
     def predict(self):
         b = self.batch
-        self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
+        if not isinstance(b, (list, tuple)): self.preds = self.model(*split_batch(b, self.n_inp, self.inputs, self.target)[0])
+        else: self.preds = self.model(b[0]) if self.n_inp == 1 else self.model(*b[:self.n_inp])  # no slice for one input
 
-    def get_loss(self): self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
+    def get_loss(self):
+        b = self.batch
+        ys = b[self.n_inp:] if isinstance(b, (list, tuple)) else split_batch(b, self.n_inp, self.inputs, self.target)[1]
+        self.loss = self.loss_func(self.preds, *ys)
+
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
     def zero_grad(self): self.opt.zero_grad()
@@ -548,9 +694,9 @@ class TrainLearner(Learner):
 class MomentumLearner(TrainLearner):
     """The seed's momentum by hand: instead of zeroing, gradients decay by `mom` and keep accumulating."""
     def __init__(self, model: nn.Module, dls=(0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
-                 cbs=None, opt_func: Callable | None = optim.SGD, mom: float = 0.85):
+                 cbs=None, opt_func: Callable | None = optim.SGD, mom: float = 0.85, *, inputs=None, target=None):
         self.mom = mom
-        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func, inputs=inputs, target=target)
 
     def zero_grad(self):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

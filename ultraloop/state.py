@@ -3,20 +3,26 @@ in one place, and the checkpoint files that carry it: written atomically, read w
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import pickle
 import random
 import re
+import shutil
 import sys
+import time
+import uuid
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from .utils import map_tensors, several_processes
 
-__all__ = ['learner_state', 'load_learner_state', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
-           'checkpoint_name', 'newest_checkpoint', 'cpu_copy', 'Snapshot']
+__all__ = ['learner_state', 'load_learner_state', 'load_weights', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
+           'checkpoint_name', 'newest_checkpoint', 'checkpoints', 'run_id', 'cpu_copy', 'Snapshot']
 
 FORMAT = 'ultraloop.state'  # every state dict says what it is, so a stray file is refused by name
 VERSION = 1
@@ -73,14 +79,61 @@ def loader_state(dl) -> dict | None:
     """What a loader needs to go on as it would have: its own `state_dict()` (TensorLoader, torchdata's
     StatefulDataLoader), else the states of the generators it draws its order from (a torch DataLoader)."""
     if dl is None: return None
-    if _stateful(dl): return {'state': dl.state_dict()}
-    return {'generators': [g.get_state() for g in _generators(dl)]}
+    if _stateful(dl): return {'state': _unobserved_state(dl)}
+    s = {'generators': [g.get_state() for g in _generators(dl)]}
+    if _persistent(dl): s['iterated'] = _iterated(dl)
+    return s
+
+
+def _finished_iterator(dl) -> None:
+    """A StatefulDataLoader loaded from the state of an epoch it had finished gets that finished iterator back now,
+    the RNGs left as they were, as the run held it. Else its next iteration would make it from the state (drawing a
+    base seed), see it finished and make another (drawing again): one draw more than the run made."""
+    g = getattr(dl, 'generator', None)  # the base seed's (the sampler's is the loaded state's)
+    rng, gen = torch.get_rng_state(), g.get_state() if isinstance(g, torch.Generator) else None
+    try: dl._iterator = dl._get_iterator()
+    finally:
+        torch.set_rng_state(rng)
+        if gen is not None: g.set_state(gen)
+
+
+def _unobserved_state(dl) -> dict:
+    """`dl.state_dict()`, leaving the loader and the RNGs as they were. torchdata's StatefulDataLoader makes an iterator
+    to say where a loader not yet iterated is (drawing its workers' base seed from torch's RNG), and its next iteration
+    takes that iterator without drawing: a checkpoint would change the run it saves (the dropout after a valid loader's
+    first state, say), which a resumed run could not repeat."""
+    if getattr(dl, '_iterator', False) is not None: return dl.state_dict()
+    rng, gens = torch.get_rng_state(), [(g, g.get_state()) for g in _generators(dl)]
+    try: return dl.state_dict()
+    finally:
+        torch.set_rng_state(rng)
+        for g, st in gens: g.set_state(st)
+        dl.load_state_dict({})  # its way to forget that iterator: the next iteration makes one, as it would have
 
 
 def load_loader_state(dl, s: dict | None) -> None:
     if s is None or dl is None: return
-    if 'state' in s: return dl.load_state_dict(s['state'])
+    if 'state' in s:
+        dl.load_state_dict(s['state'])
+        if isinstance(s['state'], dict) and s['state'].get('_iterator_finished') and hasattr(dl, '_get_iterator'):
+            _finished_iterator(dl)
+        return
     for g, st in zip(_generators(dl), s['generators']): g.set_state(st)
+    if _persistent(dl) and s.get('iterated') and dl._iterator is None: dl._ultraloop_iterated = True
+
+
+# A DataLoader with persistent workers draws its workers' base seed from its generator (else torch's global RNG) only
+# when it makes its iterator, at its first iteration in the process; later epochs draw only the sampler's seed. A run
+# resumed in a new process makes that iterator again, later: its draw must not move the RNGs the sampler and the model
+# draw from, or every later epoch's order and dropout differ. So the loader's state says whether the run had iterated
+# it, and the first phase iterating it again replays the RNGs over that draw (see phase_start). The workers' own RNGs
+# (a dataset drawing random numbers in __getitem__) live in the worker processes and are not restored.
+def _persistent(dl) -> bool:
+    return bool(getattr(dl, 'persistent_workers', False)) and getattr(dl, 'num_workers', 0) > 0 and hasattr(dl, '_iterator')
+
+
+def _iterated(dl) -> bool:
+    return dl._iterator is not None or dl.__dict__.get('_ultraloop_iterated', False)
 
 
 def phase_start(dl) -> dict | None:
@@ -89,8 +142,11 @@ def phase_start(dl) -> dict | None:
     seed; replaying these states redraws that order after a resume. None for a loader that says where it is itself."""
     if dl is None or _stateful(dl): return None
     # a DataLoader with persistent workers draws its base seed only when it makes its iterator, its first epoch
-    new_iter = not (getattr(dl, 'persistent_workers', False) and getattr(dl, '_iterator', None) is not None)
-    return {'torch': torch.get_rng_state(), 'generators': [g.get_state() for g in _generators(dl)], 'new_iter': new_iter}
+    new_iter = not (_persistent(dl) and _iterated(dl))
+    start = {'torch': torch.get_rng_state(), 'generators': [g.get_state() for g in _generators(dl)], 'new_iter': new_iter}
+    if _persistent(dl) and dl.__dict__.pop('_ultraloop_iterated', False) and dl._iterator is None:
+        _position_dataloader(dl, 0, start, None)  # a resumed run makes the iterator again: replay the RNGs over its draw
+    return start
 
 
 class _SkipBatches:
@@ -98,7 +154,7 @@ class _SkipBatches:
     from the epoch's start and its first `k` index lists are skipped, so no skipped sample is loaded; then the RNGs are
     put back as they were at the checkpoint. Later iterations are the sampler's own."""
 
-    def __init__(self, dl, attr: str, k: int, start: dict, now: torch.Tensor):
+    def __init__(self, dl, attr: str, k: int, start: dict, now: torch.Tensor | None):
         self.dl, self.attr, self.inner, self.k, self.start, self.now = dl, attr, getattr(dl, attr), k, start, now
 
     def __len__(self) -> int: return len(self.inner)
@@ -122,11 +178,11 @@ class _SkipBatches:
         if self.start['new_iter']: torch.empty((), dtype=torch.int64).random_(generator=self.dl.generator)
         it = iter(self.inner)
         for _ in range(k): next(it, None)
-        torch.set_rng_state(self.now)
+        if self.now is not None: torch.set_rng_state(self.now)  # (None: the phase starts here, the RNGs go on)
         yield from it
 
 
-def _position_dataloader(dl, k: int, start: dict, now: torch.Tensor) -> None:
+def _position_dataloader(dl, k: int, start: dict, now: torch.Tensor | None) -> None:
     attr = 'batch_sampler' if dl.batch_sampler is not None else 'sampler'
     object.__setattr__(dl, attr, _SkipBatches(dl, attr, k, start, now))
 
@@ -184,6 +240,9 @@ def learner_state(learn) -> dict:
         'callbacks': [[type(cb).__name__, cb.state_dict()] for cb in _stateful_cbs(learn)],
         'loaders': {nm: loader_state(_phase_loader(learn, nm)) for nm in ('train', 'valid')},
         'rng': rng_state(),
+        'run': run_id(learn),
+        'settings': settings(learn),
+        'processes': processes(learn),
     }
     procs = _processes()
     if procs is not None:
@@ -208,9 +267,77 @@ def _processes() -> tuple[int, int] | None:
     return (dist.get_rank(), dist.get_world_size()) if several_processes() else None
 
 
+def _batch_size(dl) -> int | None:
+    bs = getattr(dl, 'bs', None) if getattr(dl, 'bs', None) is not None else getattr(dl, 'batch_size', None)
+    return bs if isinstance(bs, int) else None
+
+
+def _sampler(dl) -> str | None:
+    """How a shuffled train loader draws its order: 'distributed' (a DistributedSampler: from its seed and the epoch,
+    whatever the number of processes), 'own' (a torch DataLoader's RandomSampler, drawn its own way), else None (in
+    order, or a loader whose order does not depend on the number of processes: a TensorLoader and its shards)."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+    if not isinstance(dl, DataLoader): return None
+    if isinstance(dl.sampler, DistributedSampler): return 'distributed' if dl.sampler.shuffle else None
+    return 'own' if isinstance(dl.sampler, RandomSampler) else None
+
+
+def processes(learn) -> dict:
+    """How many processes took the state, with what train batch size each and how the train loader drew its order:
+    what a resume with another number of processes checks (`check_processes`)."""
+    dl = _phase_loader(learn, 'train')
+    procs = _processes()
+    return {'world_size': 1 if procs is None else procs[1], 'bs': _batch_size(dl), 'sampler': _sampler(dl)}
+
+
+def check_processes(learn, sd: dict, what: str) -> None:
+    """A state taken by N processes resumed by M: the global batch (N times the per-process bs) must be kept, so that M
+    processes take the same batches of the same order (each its share of global batch k, as DistributedSampler cuts
+    it); and the state must be taken between phases (an epoch's end), since the phase's partial sums and positions
+    each process held do not split into another number of shares. Each a one-line error, before any work."""
+    saved = sd.get('processes')
+    n, m = (saved or {}).get('world_size', 1), learn.world_size
+    if saved is None or n == m: return
+    pos = sd['position']
+    if pos['in_phase']:
+        raise ValueError(f'{what} was taken inside a phase (epoch {pos["epoch"]}, {pos["phase"]} batch {pos["batch"]}) '
+                         f'by {_procs(n)}, and {m} would resume it: resume it with {_procs(n)}, or from a checkpoint '
+                         f"taken at an epoch's end (CheckpointCB writes one at every epoch's end)")
+    dl = _phase_loader(learn, 'train')
+    old, new = saved['bs'], _batch_size(dl)
+    if old is not None and new is not None and old * n != new * m:
+        fix = (f'give each process bs={old * n // m}' if old * n % m == 0 else
+               f'{old * n} does not divide by {m} processes: resume with a number of processes that divides it')
+        raise ValueError(f'{what} was saved by {_procs(n)} of bs {old} (a global batch of {old * n}); {_procs(m)} of bs '
+                         f'{new} make{"s" if m == 1 else ""} a global batch of {new * m}: to go on with the same batches, {fix}')
+    # a shuffled torch DataLoader draws its order one way when DistributedCB cuts it (a DistributedSampler, also in a
+    # torchrun group of one) and another in a plain process (its RandomSampler): the run goes on, in another order
+    import torch.distributed as dist
+    kind = _sampler(dl)
+    if kind == 'own' and (m > 1 or 'RANK' in os.environ or (dist.is_available() and dist.is_initialized())):
+        kind = 'distributed'
+    if saved.get('sampler') != kind and 'own' in (saved.get('sampler'), kind):
+        import warnings
+        warnings.warn(f'{what} was saved by {_procs(n)} whose shuffled train DataLoader drew its order '
+                      f'{_DRAWN[saved.get("sampler")]}; here it draws it {_DRAWN[kind]}, so the batches after the resume '
+                      f'differ from the run\'s: run both under torchrun (--nproc-per-node 1 for one process), or use a '
+                      f'TensorLoader (DataLoaders.from_tensors), whose order is the same in any number of processes',
+                      stacklevel=3)
+
+
+def _procs(n: int) -> str: return f'{n} process' if n == 1 else f'{n} processes'
+
+
+_DRAWN = {'distributed': "by DistributedSampler (DistributedCB's cut)", 'own': 'by its own RandomSampler (no cut)',
+          None: 'in no shuffled way'}
+
+
 def own_parts(sd: dict, rank: int, world_size: int) -> dict:
     """`sd` with process `rank`'s own parts (its entry of `ranks`) in place of the main process's; a state saved by
-    another number of processes (or by one) keeps the main process's."""
+    another number of processes (or by one) keeps the main process's for every process: `check_processes` lets it
+    resume only from between phases, where the processes' parts agree (the metric history; the loaders' shuffle
+    state, which each takes from rank 0) but for the RNGs a model draws from (dropout goes on from rank 0's)."""
     ranks = sd.get('ranks')
     if ranks is None or world_size == 1 or len(ranks) != world_size: return sd
     mine = ranks[rank]
@@ -265,6 +392,134 @@ def check_state(learn, sd, what: str) -> None:
                          f'resume with the callbacks it was saved with, in the same order')
 
 
+# ---- what a resumed run must keep: recorded in each state, checked before a state changes anything -------------------
+# an optimiser's hyper-parameters that a schedule changes per batch, or that choose an implementation, not the maths
+_NOT_SETTINGS = frozenset({'params', 'lr', 'initial_lr', 'max_lr', 'min_lr', 'momentum', 'betas', 'foreach', 'fused',
+                           'capturable', 'differentiable'})
+_NEW_RUN = ('or start a new run, in a new checkpoint folder, from its weights: learn.load_state(path, weights_only=True) '
+            'or ultraloop fit --init-from CHECKPOINT')
+
+
+def run_id(learn) -> str:
+    """The run's identity, which every state it captures carries: made with the learner's first state, taken from the
+    state a run resumes from (a run resumed any number of times keeps one), never from a weights-only load."""
+    rid = learn.__dict__.get('_run_id')
+    if rid is None: rid = learn._run_id = uuid.uuid4().hex[:12]
+    return rid
+
+
+def settings(learn) -> dict:
+    """What a run resumed from this state must keep, beyond the model's keys and shapes and the optimiser's
+    hyper-parameters (the state holds both): the optimiser's class, the fit's lr and n_epochs, each loader's batch size
+    (global: per process times processes), dataset size and length, and each stateful callback's `resume_settings()`."""
+    opt, world = learn.opt, learn.world_size
+    return {'opt': None if opt is None else type(opt).__name__, 'lr': learn.__dict__.get('_fit_lr'),
+            'n_epochs': learn.__dict__.get('n_epochs'), 'world_size': world,
+            'loaders': {nm: _loader_settings(_phase_loader(learn, nm), world) for nm in ('train', 'valid')},
+            'callbacks': [_cb_settings(cb) for cb in _stateful_cbs(learn)]}
+
+
+def _sized(o) -> int | None:
+    try: return len(o)
+    except (TypeError, NotImplementedError): return None  # an iterable without a length
+
+
+def _loader_settings(dl, world: int) -> dict | None:
+    if dl is None: return None
+    bs = getattr(dl, 'batch_size', None) or getattr(dl, 'bs', None)  # a DataLoader's, a TensorLoader's
+    if bs is None: bs = getattr(getattr(dl, 'batch_sampler', None), 'batch_size', None)
+    n = getattr(dl, 'n', None) if isinstance(getattr(dl, 'n', None), int) else _sized(getattr(dl, 'dataset', None))
+    # a process's share of the batches depends on the number of processes (whose change is checked by the global batch)
+    return {'batch_size': bs * world if isinstance(bs, int) else None, 'samples': n,
+            'batches': _sized(dl) if world == 1 else None}
+
+
+def _cb_settings(cb) -> dict:
+    f = getattr(cb, 'resume_settings', None)
+    return dict(f()) if callable(f) else {}
+
+
+def _changed(what: str, setting: str, old, new) -> ValueError:
+    return ValueError(f'{what} was saved with {setting} {old}, this run has {new}: resume with {setting} {old}, {_NEW_RUN}')
+
+
+def opt_to_be(learn, lr: float):
+    """The optimiser a fit starting now would use (learn.opt, or a new one `_prepare_opt` would make, unused), so a
+    state can be checked against it before anything is made or changed."""
+    if not learn.opt_func: return learn.opt
+    if learn.opt is not None and [id(p) for p in learn.model.parameters()] == learn._opt_params: return learn.opt
+    return learn.opt_func(learn.model.parameters(), lr)
+
+
+def validate(learn, sd, what: str, opt, lr: float | None = None) -> None:
+    """Every check a state must pass before it changes anything: format and version, the stateful callbacks, the
+    model's keys, shapes and dtypes, the optimiser (`opt`: the one it will load into) and its hyper-parameters, the
+    loaders, the callbacks' settings and the fit's `lr`. Each mismatch is a one-line error naming the setting, its
+    saved and its present value, and the fix."""
+    check_state(learn, sd, what)
+    check_model(learn, sd, what)
+    _check_opt(sd, what, opt)
+    saved = sd.get('settings')
+    if saved is None: return  # saved before states recorded their settings
+    here = settings(learn)
+    for nm in ('train', 'valid'):
+        a, b = saved['loaders'].get(nm), here['loaders'].get(nm)
+        for key, label in (('batch_size', 'batch size'), ('samples', 'dataset size'), ('batches', 'length (batches)')):
+            if a and b and a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+                per = saved['world_size']
+                world = f' ({a[key] // per} per process)' if key == 'batch_size' and per > 1 else ''
+                raise _changed(what, f'a {nm} loader {label} of', f'{a[key]}{world}', b[key])
+    for (nm, _), a, cb in zip(sd['callbacks'], saved['callbacks'], _stateful_cbs(learn)):
+        b = _cb_settings(cb)
+        for k in [*a, *(k for k in b if k not in a)]:
+            if a.get(k) != b.get(k): raise _changed(what, f"{nm}'s {k}", a.get(k), b.get(k))
+    if lr is not None and saved.get('lr') is not None and saved['lr'] != lr:
+        raise _changed(what, "the fit's lr", saved['lr'], lr)
+
+
+def _desc(t) -> str:
+    return f'{tuple(t.shape)} {str(t.dtype).replace("torch.", "")}' if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_model(learn, sd, what: str) -> None:
+    """The saved weights' names, shapes and dtypes are this model's: checked before any is loaded (torch's own
+    load_state_dict copies the matching ones before it reports a size mismatch)."""
+    if _fsdp(learn.model): return  # its shards are checked by set_model_state_dict, whole
+    saved, here = sd['model'], learn.model.state_dict()
+    fix = 'build the model as the run did, or train this one as a new run'
+    for k, v in saved.items():
+        if k not in here: raise ValueError(f'{what} holds another model: its {k} {_desc(v)} is not in this model; {fix}')
+        h = here[k]
+        if isinstance(v, torch.Tensor) and isinstance(h, torch.Tensor) and (v.shape != h.shape or v.dtype != h.dtype):
+            raise ValueError(f'{what} holds another model: {k} is {_desc(v)} there and {_desc(h)} here; {fix}')
+    extra = next((k for k in here if k not in saved), None)
+    if extra is not None: raise ValueError(f'{what} holds another model: it has no {extra} ({_desc(here[extra])} here); {fix}')
+
+
+def _plain(v): return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _check_opt(sd, what: str, opt) -> None:
+    saved = sd['opt']
+    if saved is None: return
+    if opt is None:
+        raise ValueError(f'{what} holds an optimiser state but learn.opt is None: pass an opt_func to the Learner')
+    name = (sd.get('settings') or {}).get('opt')
+    if name is not None and name != type(opt).__name__: raise _changed(what, 'the optimiser', name, type(opt).__name__)
+    groups = saved.get('param_groups', [])
+    if not groups: return  # (an FSDP state of a process that holds none)
+    if len(groups) != len(opt.param_groups):
+        raise _changed(what, 'optimiser parameter groups:', len(groups), len(opt.param_groups))
+    for i, (g, h) in enumerate(zip(groups, opt.param_groups)):
+        at = f' (parameter group {i})' if len(groups) > 1 else ''
+        if len(g['params']) != len(h['params']):
+            raise _changed(what, f'optimised parameters{at}:', len(g['params']), len(h['params']))
+        for k in opt.defaults:
+            if k in _NOT_SETTINGS or k not in h: continue
+            old = g.get(k, 'unset')
+            if _plain(old) != _plain(h[k]): raise _changed(what, f"the optimiser's {k}{at}", old, h[k])
+
+
 def load_model_and_opt(learn, sd: dict, create_opt=None) -> None:
     """Weights, gradients and optimiser, onto the model's devices."""
     model = learn.model
@@ -284,6 +539,23 @@ def load_model_and_opt(learn, sd: dict, create_opt=None) -> None:
         learn.opt.load_state_dict(sd['opt'])
 
 
+def _unshared(sd):
+    """`sd` with the tensors an optimiser or callback would keep (torch's Optimizer.load_state_dict keeps a CPU
+    tensor it is given) cloned, so training on does not change a state dict the caller holds (and may resume from
+    again); the weights are copied by the model's load_state_dict anyway."""
+    if not isinstance(sd, dict): return sd
+    return {k: map_tensors(torch.clone, v) if k in ('opt', 'callbacks', 'ranks') else v for k, v in sd.items()}
+
+
+def load_weights(learn, sd: dict, what: str = 'the state') -> None:
+    """Only the weights and buffers of a state, checked against the model first: a new run starts from them (a
+    fine-tune with another lr, optimiser or data), with this learner's optimiser, callbacks, RNGs and run identity."""
+    check_format(sd, what)
+    check_model(learn, sd, what)
+    if _fsdp(learn.model): _load_fsdp(learn.model, None, sd['model'], None)
+    else: learn.model.load_state_dict(sd['model'])
+
+
 def load_callbacks(learn, sd: dict) -> None:
     for cb, (_, state) in zip(_stateful_cbs(learn), sd['callbacks']): cb.load_state_dict(state)
 
@@ -292,16 +564,37 @@ def load_loaders(learn, sd: dict) -> None:
     for nm in ('train', 'valid'): load_loader_state(_phase_loader(learn, nm), sd['loaders'].get(nm))
 
 
-def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None) -> None:
+def load_learner_state(learn, sd: dict, what: str = 'the state', create_opt=None, unshare: bool = False) -> None:
     """Put back what `learner_state` captured, outside a fit: weights, gradients, optimiser, callbacks, loaders, RNGs.
-    Where the loop was is used only by `fit(resume=...)`. Each process takes its own parts (see `learner_state`)."""
-    check_state(learn, sd, what)
-    sd = own_parts(sd, learn.rank, learn.world_size)
-    load_model_and_opt(learn, sd, create_opt)
+    Where the loop was is used only by `fit(resume=...)`. Each process takes its own parts (see `learner_state`).
+    Everything is checked (`validate`) before anything is changed; the callbacks load first, so one refusing its state
+    (a schedule's, which loads only into a fit) leaves the weights, optimiser, loaders and RNGs as they were."""
+    opt = learn.opt if learn.opt is not None or create_opt is None else opt_to_be(learn, learn.lr)
+    validate(learn, sd, what, opt)
+    sd = own_parts(_unshared(sd) if unshare else sd, learn.rank, learn.world_size)  # a dict the caller keeps
     load_callbacks(learn, sd)
+    load_model_and_opt(learn, sd, create_opt)
     load_loaders(learn, sd)
     set_rng_state(sd['rng'])
+    learn._run_id = sd.get('run') or run_id(learn)  # the learner goes on as the state's run, with its fit's settings
+    if sd.get('settings'): learn._fit_lr, learn.n_epochs = sd['settings']['lr'], sd['settings']['n_epochs']
     learn._loaded_position = sd['position']  # until the next fit, state_dict() says where the loaded run was
+
+
+def resume(learn, source, n_epochs: int, lr: float | None = None) -> Resume | None:
+    """What `fit(resume=source)` goes on from: a `Resume`, or None for a fresh start (`'auto'` finding no checkpoint).
+    `'auto'` means the folder of the learner's checkpoint writer (a callback with a `resume_dir`: CheckpointCB)."""
+    if isinstance(source, str) and source == 'auto':
+        dirs = list(dict.fromkeys(d for cb in learn.cbs if (d := getattr(cb, 'resume_dir', None)) is not None))
+        if not dirs:
+            raise ValueError("resume='auto' goes on from the folder of the learner's CheckpointCB, and it has none: add "
+                             "CheckpointCB(dir) to its callbacks (or to fit's cbs), or pass resume=DIR")
+        if len(dirs) > 1:
+            raise ValueError(f"resume='auto': the learner writes checkpoints to {len(dirs)} folders "
+                             f"({', '.join(map(str, dirs))}); pass resume=DIR, the one to go on from")
+        if not Path(dirs[0]).is_dir() or newest_checkpoint(dirs[0]) is None: return None  # nothing yet: a fresh start
+        source = dirs[0]
+    return Resume(learn, source, n_epochs, lr)
 
 
 class Resume:
@@ -310,31 +603,33 @@ class Resume:
     inside a phase has its callbacks loaded after that phase's before_epoch (which resets what they hold for the
     phase), and the loader positioned at its next batch with the RNGs as they were then (`enter_phase`)."""
 
-    def __init__(self, learn, source, n_epochs: int):
+    def __init__(self, learn, source, n_epochs: int, lr: float | None = None):
         if not isinstance(source, (str, os.PathLike, dict)):
             raise TypeError(f'resume must be a checkpoint file, a folder of checkpoints or a learn.state_dict(), got '
                             f'{type(source).__name__} {source!r}: e.g. resume=\'checkpoints\'')
         self.what = 'the state passed as resume' if isinstance(source, dict) else None
-        if isinstance(source, dict): sd = source
+        if isinstance(source, dict): sd = _unshared(source)
         else:
             path = Path(source)
-            if path.is_dir():
-                found = newest_checkpoint(path)
-                if found is None: raise ValueError(f'resume={str(source)!r}: the folder holds no checkpoint (checkpoint-*.pt)')
-                path = found
-            sd = load_file(path)
+            if path.is_dir(): path, sd = resume_from_folder(learn, path)
+            else: sd = load_file(path)
             self.what = str(path)
-        check_state(learn, sd, self.what)
+        check_format(sd, self.what)
+        check_processes(learn, sd, self.what)  # another number of processes: its own message first
+        # everything before anything is made or changed: the optimiser checked is the one the fit will use
+        validate(learn, sd, self.what, opt_to_be(learn, learn.lr if lr is None else lr), lr)
         pos = sd['position']
         if pos['epoch'] > n_epochs or (pos['epoch'] == n_epochs and pos['in_phase']):
             raise ValueError(f'{self.what} is at epoch {pos["epoch"]} ({pos["phase"]} batch {pos["batch"]}), past a fit '
                              f'of n_epochs={n_epochs}: resume with at least n_epochs={pos["epoch"] + 1}')
         self.sd, self.pos, self.pending = sd, pos, pos['in_phase']
+        self.finished = pos['epoch'] >= n_epochs  # at the end of the last epoch: nothing left to train
 
     def start(self, learn) -> tuple[int, str]:
         # this process's own parts: known now, after before_fit (DistributedCB) made the process group
         self.sd = sd = own_parts(self.sd, learn.rank, learn.world_size)
         self.pos = sd['position']
+        learn._run_id = sd.get('run') or run_id(learn)  # the run goes on under its identity
         load_model_and_opt(learn, sd)
         load_loaders(learn, sd)
         if not self.pending:
@@ -375,8 +670,12 @@ class Resume:
 def save_file(obj, path: str | os.PathLike) -> Path:
     """torch.save `obj` to `path` atomically: into a temporary file in the same folder, flushed and fsynced, renamed
     over `path` (os.replace), then the folder fsynced. A crash at any moment leaves the old file, or the new one,
-    whole; the temporary file (`.<name>.<pid>.tmp`) is never taken for a checkpoint."""
+    whole; the temporary file (`.<name>.<pid>.tmp`) is never taken for a checkpoint, and one a crashed write left is
+    removed by the next write of the same name. A failed write (a full disk, an I/O error, a read-only folder) removes
+    its temporary file and raises a one-line OSError naming the file, the reason and the space left."""
     path = Path(path)
+    obj = with_checksum(obj)
+    remove_stale_tmp(path.parent, glob.escape(path.name))
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -384,11 +683,58 @@ def save_file(obj, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        if (cause := _os_error(e)) is None: raise
+        raise write_error(path, cause) from None
     _fsync_dir(path.parent)
     return path
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: `e` itself, or the one torch's writer met (it raises a RuntimeError
+    'unexpected pos' with the OSError as its context)."""
+    while e is not None:
+        if isinstance(e, OSError): return e
+        e = e.__context__
+    return None
+
+
+def write_error(path: Path, e: OSError) -> OSError:
+    """A one-line OSError for a file that could not be written: the reason and how much space its folder has left."""
+    try: free = f'{_size(shutil.disk_usage(path.parent).free)} free there'
+    except OSError: free = 'free space unknown'
+    return OSError(e.errno, f'cannot write {path.name} in {path.parent} ({e.strerror or e}; {free})')
+
+
+def _size(n: int) -> str:
+    for unit in ('bytes', 'KB', 'MB', 'GB'):
+        if n < 1000 or unit == 'GB': return f'{n} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+        n /= 1000
+    return f'{n:.1f} TB'
+
+
+_STALE_AFTER = 3600  # s: a temporary file untouched this long is stale whatever wrote it (another machine's process)
+
+
+def remove_stale_tmp(folder: Path, pattern: str) -> None:
+    """Remove the temporary files `save_file` left in `folder` for files named as `pattern` (a glob) when a crash
+    ended their write: those whose process is no longer alive on this machine, or untouched for an hour. A write in
+    progress (this process's, another live one's) keeps its file."""
+    if not folder.is_dir(): return
+    for tmp in folder.glob(f'.{pattern}.*.tmp'):
+        pid = tmp.name.rsplit('.', 2)[-2]
+        try: stale = (pid.isdigit() and not _alive(int(pid))) or time.time() - tmp.stat().st_mtime > _STALE_AFTER
+        except OSError: continue  # gone meanwhile
+        if stale: tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == 'nt': return True  # Windows' os.kill(pid, 0) would send a ctrl-C: age decides
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True  # it exists, owned by another user
+    return True
 
 
 def _fsync_dir(d: Path) -> None:
@@ -414,7 +760,45 @@ def load_file(path: str | os.PathLike) -> dict:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:  # torch says OSError for a cut zip
         raise ValueError(f'{path} is truncated or corrupt ({_first_line(e)}): not a complete checkpoint') from None
     check_format(sd, str(path))
+    check_checksum(sd, path)
     return sd
+
+
+# ---- checksums: a state's tensors, summed when it is saved, checked when it is loaded -------------------------------
+def _tensors(x):
+    """Every tensor of a nested state, in a fixed order (a dict's own: the file keeps it)."""
+    if isinstance(x, torch.Tensor): yield x
+    elif isinstance(x, dict):
+        for v in x.values(): yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x: yield from _tensors(v)
+
+
+def checksum(sd: dict) -> int:
+    """CRC-32 of the bytes of every tensor in `sd` (all but its 'checksum'): one pass over them, a fraction of what
+    serialising and writing them costs."""
+    crc = 0
+    for t in _tensors({k: v for k, v in sd.items() if k != 'checksum'}):
+        if t.layout != torch.strided or t.is_quantized: continue
+        b = t.detach().reshape(-1)
+        if b.device.type != 'cpu': b = b.cpu()
+        crc = zlib.crc32(b.contiguous().view(torch.uint8).numpy(), crc)  # a view: no copy of a contiguous tensor
+    return crc
+
+
+def with_checksum(obj):
+    """A learner state with its tensors' checksum under 'checksum' (a shallow copy: the caller's dict stays as it was);
+    anything else as it is."""
+    if not (isinstance(obj, dict) and obj.get('format') == FORMAT): return obj
+    return {**obj, 'checksum': checksum(obj)}
+
+
+def check_checksum(sd: dict, path) -> None:
+    want = sd.get('checksum')
+    if want is None: return  # saved before states carried one
+    if checksum(sd) != want:
+        raise ValueError(f'{path} is corrupt: its tensors do not match the checksum saved with them (a changed byte); '
+                         f'resume from an earlier checkpoint')
 
 
 def check_format(sd, what: str) -> None:
@@ -437,11 +821,58 @@ def checkpoint_seq(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def newest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The checkpoint in `folder` with the highest sequence number (complete by construction: temporary files have
-    other names), or None."""
+def checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint files in `folder`, newest (highest sequence number) first."""
     found = [(seq, p) for p in Path(folder).iterdir() if (seq := checkpoint_seq(p)) is not None and p.is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_checkpoint(folder: str | os.PathLike, run: str | None = None) -> Path | None:
+    """The checkpoint in `folder` with the highest sequence number (complete by construction: temporary files have
+    other names), or None; with `run`, the newest of that run's (see `run_id`)."""
+    found = checkpoints(folder)
+    if run is not None: found = [p for p in found if _peek_run(p) == run]
+    return found[0] if found else None
+
+
+def _peek_run(path: Path) -> str | None:
+    """The run identity a checkpoint carries, read without reading its tensors (memory-mapped); None when the file
+    cannot be read or carries none."""
+    try: sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception: return None  # a corrupt file: load_file says why when it is tried
+    return sd.get('run') if isinstance(sd, dict) else None
+
+
+def resume_from_folder(learn, folder: Path) -> tuple[Path, dict]:
+    """The checkpoint of `folder` a run goes on from, and its state: the newest that loads and checks (a warning names
+    those skipped and why) of the learner's own run when the folder holds it (a fit resumed in the same process), else
+    of the one run the folder holds. A folder holding several runs' checkpoints (two runs sharing it, or a re-used
+    one) is refused: its newest file may be another run's; a file given as `resume` is always taken."""
+    files = checkpoints(folder)
+    if not files: raise ValueError(f'resume={str(folder)!r}: the folder holds no checkpoint (checkpoint-*.pt)')
+    runs = {p: _peek_run(p) for p in files}
+    newest = {}
+    for p in files:
+        if runs[p] is not None: newest.setdefault(runs[p], p)
+    want = learn.__dict__.get('_run_id')
+    if want not in newest:
+        if len(newest) > 1:
+            listed = ', '.join(f'run {r} (newest {p.name})' for r, p in newest.items())
+            raise ValueError(f'resume={str(folder)!r}: the folder holds the checkpoints of {len(newest)} runs, {listed}, '
+                             f'so its newest may be another run\'s: pass the file to go on from, e.g. '
+                             f'resume={str(next(iter(newest.values())))!r}, and give each run its own folder')
+        want = next(iter(newest), None)
+    skipped = []
+    for p in files:
+        if runs[p] is not None and runs[p] != want: continue
+        try: sd = load_file(p)
+        except ValueError as e:
+            skipped.append(f'{p.name}: {str(e).removeprefix(str(p)).strip(" :")}')
+            continue
+        if sd.get('run') not in (None, want): continue
+        if skipped: warnings.warn(f'resume={str(folder)!r}: skipped {"; ".join(skipped)}; resuming from {p.name}', stacklevel=4)
+        return p, sd
+    raise ValueError(f'resume={str(folder)!r}: no checkpoint of the folder loads and checks ({"; ".join(skipped)})')
 
 
 # ---- in-process snapshots (lr_find, summary) ------------------------------------------------------------------------

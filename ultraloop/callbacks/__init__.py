@@ -13,6 +13,8 @@ from .distributed import *  # noqa: F401,F403
 from .distributed import __all__ as _distributed
 from .hooks import *  # noqa: F401,F403
 from .hooks import __all__ as _hooks
+from .integrations import *  # noqa: F401,F403
+from .integrations import __all__ as _integrations
 from .logs import *  # noqa: F401,F403
 from .logs import __all__ as _logs
 from .lr_finder import *  # noqa: F401,F403
@@ -33,4 +35,5 @@ from .speed import *  # noqa: F401,F403
 from .speed import __all__ as _speed
 
 __all__ = [*_core, *_debug, *_hooks, *_precision, *_optim, *_schedule, *_lr_finder, *_metrics, *_progress, *_logs, *_speed,
-           *_accel, *_augment, *_safety, *_checkpoint, *_distributed]
+           *_accel, *_augment, *_safety, *_checkpoint, *_distributed,
+           *_integrations]

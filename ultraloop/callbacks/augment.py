@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..learner import Callback, CancelFitException, Learner, _as_cbs
+from ..learner import Callback, CancelFitException, Learner, _as_cbs, batch_split, split_batch
 from ..utils import check_int, map_tensors
 
 __all__ = ['BatchTransformCB', 'CapturePreds']  # capture_preds, show_image_batch: use learn.capture_preds(), ...
@@ -48,21 +48,24 @@ def _cat(parts: list):
 
 
 class CapturePreds(Callback):
-    """Keeps every batch's predictions, targets (`batch[1]`) and inputs (`batch[0]`) on the CPU: `all_preds`,
+    """Keeps every batch's predictions, targets (`batch[1]`) and inputs (`batch[0]`; of a dict batch, the first target
+    and input key as the step splits it, see TrainCB) on the CPU: `all_preds`,
     `all_targs`, `all_inps` are those of the last fit joined along the batch (tensors, or tuples of tensors where a
     batch element is a tuple). Copies from a GPU do not wait for it (pinned memory, non_blocking); the first read
     waits once. Readable after a cancelled fit too (SingleBatchCB)."""
 
-    def __init__(self): self._parts, self._joined = ([], [], []), None
+    def __init__(self): self._parts, self._joined, self._split = ([], [], []), None, (1, None, None)
 
-    def before_fit(self, learn): self._parts, self._joined = ([], [], []), None
+    def before_fit(self, learn): self._parts, self._joined, self._split = ([], [], []), None, batch_split(learn)
 
     def after_batch(self, learn):
         b = learn.batch
+        if isinstance(b, (list, tuple)): x, y = b[0], b[1]
+        else: (x, *_), (y, *_) = split_batch(b, *self._split)
         inps, preds, targs = self._parts
-        inps.append(map_tensors(_host_copy, b[0]))
+        inps.append(map_tensors(_host_copy, x))
         preds.append(map_tensors(_host_copy, learn.preds))
-        targs.append(map_tensors(_host_copy, b[1]))
+        targs.append(map_tensors(_host_copy, y))
 
     def _join(self, i: int):
         if self._joined is None:
@@ -79,6 +82,9 @@ class CapturePreds(Callback):
 def capture_preds(learn: Learner, cbs=None, inps: bool = False) -> tuple:
     """Predictions and targets over `dls.valid` (one valid phase, no training; `cbs` join for this call, e.g. a
     BatchTransformCB for test-time augmentation): `(preds, targs)`, or `(preds, targs, inps)` with `inps=True`."""
+    if getattr(learn.dls, 'valid', 0) is None:
+        raise ValueError('capture_preds predicts on dls.valid, but these DataLoaders have none (DataLoaders(train)): give '
+                         'it one, DataLoaders(train_dl, valid_dl)')
     cp = CapturePreds()
     learn.fit(1, train=False, cbs=[cp, *_as_cbs(cbs)])
     return (cp.all_preds, cp.all_targs, cp.all_inps) if inps else (cp.all_preds, cp.all_targs)
@@ -99,7 +105,8 @@ def show_image_batch(learn: Learner, max_n: int = 9, cbs=None, nrows: int | None
     as they were). A grid of `imsize`-inch images; inline in a notebook, else saved to `path` (default batch.png)."""
     check_int('show_image_batch: max_n', max_n, 1)
     learn.fit(1, valid=False, cbs=[_FirstBatch(), *_as_cbs(cbs)])
-    ims = learn.batch[0][:max_n]
+    b = learn.batch
+    ims = (b[0] if isinstance(b, (list, tuple)) else split_batch(b, *batch_split(learn))[0][0])[:max_n]
     return _show_images(ims, nrows, ncols, imsize, figsize, titles, path)
 
 

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import torch
 
 from ..data import def_device, to_device
-from ..learner import Callback, CancelBatchException, CancelEpochException, CancelFitException, _order
+from ..learner import (Callback, CancelBatchException, CancelEpochException, CancelFitException, _order, check_batch_keys,
+                       split_batch)
 from ..utils import check_int
 
 __all__ = ['TrainCB', 'DeviceCB', 'HasLearnCB', 'run_cbs', 'with_cbs']
@@ -24,17 +25,26 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
 
 class TrainCB(Callback):
     """Provides the step methods for a plain `Learner`: the first `n_inp` elements of the batch are the model's inputs
-    and the rest go to the loss: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`."""
+    and the rest go to the loss: `preds = model(*batch[:n_inp])`, `loss = loss_func(preds, *batch[n_inp:])`. A dict
+    batch is split by key: `TrainCB(inputs='image', target='label')` (a key, or a list of keys, each); with only one
+    named, the other is every other key; with neither, the first `n_inp` keys in the dict's order are the inputs and
+    the rest the targets."""
     n_inp = 1  # also for subclasses whose __init__ does not call TrainCB's (the course's NCACB)
+    inputs = target = None
 
-    def __init__(self, n_inp: int = 1):
+    def __init__(self, n_inp: int = 1, *, inputs=None, target=None):
         self.n_inp = check_int(f'{type(self).__name__}: n_inp (how many leading batch elements the model takes)', n_inp, 1)
+        self.inputs, self.target = check_batch_keys(type(self).__name__, inputs, target)
 
     def predict(self, learn):
         b = learn.batch
-        learn.preds = learn.model(b[0]) if self.n_inp == 1 else learn.model(*b[:self.n_inp])  # no slice for one input
+        if not isinstance(b, (list, tuple)): learn.preds = learn.model(*split_batch(b, self.n_inp, self.inputs, self.target)[0])
+        else: learn.preds = learn.model(b[0]) if self.n_inp == 1 else learn.model(*b[:self.n_inp])  # no slice for one input
 
-    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, *learn.batch[self.n_inp:])
+    def get_loss(self, learn):
+        b = learn.batch
+        ys = b[self.n_inp:] if isinstance(b, (list, tuple)) else split_batch(b, self.n_inp, self.inputs, self.target)[1]
+        learn.loss = learn.loss_func(learn.preds, *ys)
     def backward(self, learn): learn.loss.backward()
     def step(self, learn): learn.opt.step()
     def zero_grad(self, learn): learn.opt.zero_grad()

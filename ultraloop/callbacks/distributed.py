@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import copy
 import os
+import signal
 from collections import defaultdict
 from datetime import timedelta
 
@@ -32,13 +33,23 @@ _groups = 0  # process groups this process has made: every rank runs the same fi
 
 
 def _init_group(backend: str, timeout: timedelta) -> None:
+    """The process group, over this process's rendezvous store (made once, its waits bounded by `timeout`), under a key
+    prefix of its own: see `_prefix`."""
     global _rendezvous, _groups
     if _rendezvous is None: _rendezvous = next(dist.rendezvous('env://', timeout=timeout))
     store, rank, world_size = _rendezvous
     _groups += 1
-    # a store prefix per group: a new group over the last one's keys would read its gloo addresses and hang in set-up
-    dist.init_process_group(backend, store=dist.PrefixStore(f'ultraloop/{_groups}', store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(_prefix(_groups), store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def _prefix(group: int) -> str:
+    """The store keys of this process's `group`-th group. A group set up over keys another one left would read that
+    group's addresses (gloo's connectFullMesh: 'Connection refused' to a dead process's port) or its counts (a hang in
+    set-up): so each group of a process gets its own number, and each round of an elastic job its own namespace, since
+    torchrun's agent keeps one store (at MASTER_PORT) for all the rounds it relaunches after a failure."""
+    env = os.environ
+    return f'ultraloop/{env.get("TORCHELASTIC_RUN_ID", "")}/{env.get("TORCHELASTIC_RESTART_COUNT", "0")}/{group}'
 
 
 class _Inner(nn.Module):
@@ -84,11 +95,16 @@ class DistributedCB(Callback):
       are reduced once per optimiser step.
     - Checkpoints (CheckpointCB, `learn.save_state`): every process takes part, the main one writes; the file holds
       each process's own parts and loads in any number of processes (see `state.learner_state`).
+    - Signals (ctrl-C, SIGTERM, SIGUSR1: see `Learner.fit`): a signal reaching any process stops every process at the
+      same batch. The processes agree on it every `signal_every` train batches, at each train phase's last batch and at
+      each validation phase's end: one all_reduce of one number (and on a GPU one read of it), so no collective is added per batch
+      (bench/signals.py counts them). A signal is acted on within `signal_every` train batches (plus a validation phase).
     - Failure: cleanup runs no collective (it also runs after an error); a process that raises exits, and torchrun ends
       the others.
     Outside torchrun and with no process group, it does nothing, so one script runs under python and torchrun alike.
     """
     order = -25  # before_fit before the writers ask learn.is_main; before_batch after GradientAccumulationCB (-30)
+    signal_every = 16  # train batches between agreements on a stop: 1/16 of a tiny all_reduce per batch, a short wait
 
     def __init__(self, strategy: str = 'ddp', backend: str | None = None, timeout: float = 600.0):
         if strategy not in _STRATEGIES:
@@ -124,6 +140,7 @@ class DistributedCB(Callback):
         self._shards.start(learn)
         if self.strategy == 'ddp': self._wrap_ddp(m)
         else: self._shard_fsdp(learn, m)
+        self._hold_signals(learn)
 
     def _wrap_ddp(self, m: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -163,6 +180,7 @@ class DistributedCB(Callback):
     def before_epoch(self, learn):
         if not self._on: return
         self._shards.before_epoch(learn)
+        if learn.training: self._n_train = len(learn.dl) if hasattr(learn.dl, '__len__') else None
         if self.strategy == 'ddp':
             self.wrapper.train(learn.training)
             self._route(learn.training)  # validation runs the module plainly: no collective, so uneven shards are safe
@@ -201,6 +219,27 @@ class DistributedCB(Callback):
             else: self.wrapper.set_requires_gradient_sync(s)
             self._sync = s
 
+    # ---- signals: every process stops at the same batch ---------------------------------------------------------
+    def _hold_signals(self, learn) -> None:
+        learn.hold_signals = True  # fit's handler only records a signal; _agree turns it into a stop
+        learn.stop_requested = False  # a signal that came before the group existed is agreed on like any other
+        self._vote, self._n_train = torch.zeros(1, dtype=torch.int32, device=self.device), None
+
+    def _agree(self, learn) -> None:
+        """Stop every process at this batch if a signal reached any (a collective: every process calls it at the same
+        batch). The largest signal number wins, so SIGTERM (15) over SIGUSR1 (10) over ctrl-C (2)."""
+        v = self._vote
+        v.fill_(int(learn.stop_signal or 0))
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        if sig := int(v.item()):  # on a GPU, a wait for the device once per signal_every batches
+            learn.stop_signal, learn.stop_requested = signal.Signals(sig), True
+
+    def after_batch(self, learn):
+        # train batches only: every process has as many (validation shards may differ by one batch)
+        if not (self._on and learn.training): return
+        i = learn.iter + 1
+        if i % self.signal_every == 0 or i == self._n_train: self._agree(learn)
+
     def after_backward(self, learn):
         # reached only when the step will be taken: a backward that skipped the reduction (the last window of a loader
         # without a length, closed after the epoch) is averaged here, so no rank steps on its own gradient
@@ -212,8 +251,14 @@ class DistributedCB(Callback):
         for g in grads: dist.all_reduce(g)
         torch._foreach_div_(grads, dist.get_world_size())
 
+    def after_epoch(self, learn):
+        # at each validation phase's end, which every process reaches (before MetricsCB's and early stopping's work): a
+        # signal in validation stops the next batch, or, in the last, the fit on every process, not only its own
+        if self._on and not learn.training: self._agree(learn)
+
     # ---- end: no collective here (cleanup also runs after a failure, when the other ranks may be gone) -------------
     def cleanup_fit(self, learn):
+        learn.hold_signals = False
         if self._on and self.strategy == 'ddp':
             if self._routed: self._unroute()
             self.wrapper = self._inner = None

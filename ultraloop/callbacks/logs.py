@@ -67,31 +67,46 @@ class CSVLoggerCB(Callback):
     `path`, flushed as it is written; floats are written with the fewest digits that give back their float32 value
     (1.0000001, not 1.0000001192092896). A run that finds the file appends to it, header once; a file whose header
     differs, or that is not a CSV file, is refused before any batch runs. Under several processes only the main one
-    writes."""
+    writes. Its state is the file's length after the last row, so a run resumed with `fit(resume=...)` first cuts off
+    the rows written after the checkpoint it resumes from (they are written again): no row appears twice."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
         self.path = Path(path)
         if (problem := _csv_problem(self.path)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
-        self._file = None
+        self._file, self._size = None, None
 
     def before_fit(self, learn):
         cols = _need_metrics(self, learn).columns
         if not main_process(learn): return  # one writer: the main process
         if (problem := _csv_problem(self.path, cols)) is not None: raise ValueError(f'CSVLoggerCB: {problem}')
-        new = _csv_header(self.path) is None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, 'a', newline='', encoding='utf-8')
         self._writer = csv.DictWriter(self._file, fieldnames=cols)
-        if new: self._writer.writeheader()
+        if self._file.tell() == 0: self._writer.writeheader()
+        self._file.flush()
+        self._size = self._file.tell()
 
     def log_metrics(self, learn, row: dict) -> None:
         if self._file is None: return  # not the main process
         self._writer.writerow({k: _short(v) if isinstance(v, float) else v for k, v in row.items()})
         self._file.flush()
+        self._size = self._file.tell()
 
     def cleanup_fit(self, learn):
         if self._file is not None: self._file.close(); self._file = None
+
+    def state_dict(self) -> dict: return {'size': self._size}
+
+    def load_state_dict(self, s: dict) -> None:
+        """Resuming (in a fit, where the file is open since before_fit): cut the file to the length the state recorded
+        (never longer: a file cut by hand stays as it is). Outside a fit (learn.load_state) the file is left alone."""
+        size = s['size']
+        if self._file is None or size is None or size >= self._file.tell(): return
+        self._file.flush()
+        self._file.truncate(size)
+        self._file.seek(size)
+        self._size = size
 
 
 def _short(v: float) -> str:
@@ -107,7 +122,9 @@ def _short(v: float) -> str:
 class TensorBoardCB(Callback):
     """Writes each epoch phase's metrics and loss to TensorBoard in `log_dir`, as `<name>/train` and `<name>/eval`
     scalars against the epoch (`tensorboard --logdir runs` shows them). Needs the tensorboard package. Under several
-    processes only the main one writes."""
+    processes only the main one writes. Its state is the rows of the last epoch it wrote: a resumed run hides
+    (TensorBoard's `purge_step`) what was written from that epoch on, writes those rows again and goes on, so no
+    point appears twice."""
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, log_dir: str | os.PathLike = 'runs'):
@@ -115,17 +132,38 @@ class TensorBoardCB(Callback):
         except ImportError:
             raise ImportError('TensorBoardCB needs tensorboard: pip install tensorboard (or ultraloop[logs])') from None
         self._writer_cls, self.log_dir, self._writer = SummaryWriter, Path(log_dir), None
+        self._tail: list[dict] = []  # the rows written of the newest epoch written
+        self._main = False
 
     def before_fit(self, learn):
         _need_metrics(self, learn)
-        if main_process(learn): self._writer = self._writer_cls(log_dir=str(self.log_dir))  # one writer: the main process
+        self._tail, self._main = [], main_process(learn)
+        if self._main: self._writer = self._writer_cls(log_dir=str(self.log_dir))  # one writer: the main process
 
     def log_metrics(self, learn, row: dict) -> None:
         if self._writer is None: return
+        self._write(row)
+        self._writer.flush()
+
+    def _write(self, row: dict) -> None:
         for k, v in row.items():
             if k not in ('epoch', 'train') and isinstance(v, (int, float)):
                 self._writer.add_scalar(f'{k}/{row["train"]}', v, row['epoch'])
-        self._writer.flush()
+        if self._tail and self._tail[-1]['epoch'] != row['epoch']: self._tail = []
+        self._tail.append(dict(row))
 
     def cleanup_fit(self, learn):
         if self._writer is not None: self._writer.close(); self._writer = None
+
+    def state_dict(self) -> dict: return {'tail': [dict(r) for r in self._tail]}
+
+    def load_state_dict(self, s: dict) -> None:
+        self._tail = [dict(r) for r in s['tail']]
+        if self._writer is None: return  # not the main process, or not in a fit: nothing to hide
+        # a new event file whose marker hides every point from this epoch on (from 0 when none was written), those the
+        # killed run wrote after the checkpoint included; the checkpoint's rows of that epoch are written again
+        self._writer.close()
+        self._writer = self._writer_cls(log_dir=str(self.log_dir), purge_step=self._tail[0]['epoch'] if self._tail else 0)
+        tail, self._tail = self._tail, []
+        for row in tail: self._write(row)
+        self._writer.flush()

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..data import n_counted
-from ..learner import Callback, Learner, main_process
-from ..utils import map_tensors, several_processes
+from ..learner import Callback, Learner, batch_split, main_process, split_batch
+from ..utils import check_int, map_tensors, several_processes
 
-__all__ = ['MetricsCB', 'plot_metrics']  # format_row: for consumers that print rows
+__all__ = ['MetricsCB', 'MicroAccuracy', 'BalancedAccuracy', 'plot_metrics']  # format_row: for consumers that print rows
 
 
 class _WeightedMean:
@@ -47,9 +47,97 @@ class _WeightedMean:
         self.total, self.weight = (t[0], int(t[1].item())) if t[1] else (None, 0)
 
 
+class _CountMetric:
+    """A metric whose state is integer counts (int64 tensors named in `_counts`, kept on the batches' device): updating
+    queues device work only, and `all_reduce` sums the counts over processes exactly (MetricsCB calls it once per phase).
+    `update(preds, targets)`: preds are scores with the classes along dim 1 (logits or probabilities: the argmax is the
+    class) or the predicted classes themselves (an integer tensor shaped like targets)."""
+    _counts: tuple[str, ...] = ()
+
+    def _shape(self) -> tuple: return ()
+
+    def reset(self) -> None:
+        dev = getattr(self, 'device', torch.device('cpu'))
+        for nm in self._counts: setattr(self, nm, torch.zeros(self._shape(), dtype=torch.int64, device=dev))
+
+    def to(self, device):
+        self.device = torch.device(device)
+        for nm in self._counts: setattr(self, nm, getattr(self, nm).to(device))
+        return self
+
+    def _classes(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if p.ndim == y.ndim + 1: return p.argmax(1)
+        if p.shape == y.shape and not p.is_floating_point(): return p
+        raise ValueError(f'{type(self).__name__}: predictions of shape {tuple(p.shape)} do not fit targets of shape '
+                         f'{tuple(y.shape)}: give scores with the classes along dim 1 (N, C, ...) or integer classes '
+                         f'shaped like the targets')
+
+    def all_reduce(self, device) -> None:
+        """Sum the counts over every process (a collective: every rank calls it once per phase)."""
+        own = getattr(self, 'device', torch.device('cpu'))
+        t = torch.cat([getattr(self, nm).reshape(-1) for nm in self._counts]).to(device)
+        dist.all_reduce(t)
+        for nm, part in zip(self._counts, t.to(own).split(t.numel() // len(self._counts))):
+            setattr(self, nm, part.reshape(self._shape()).clone())
+
+    def state_dict(self) -> dict: return {nm: getattr(self, nm) for nm in self._counts}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for nm in self._counts: setattr(self, nm, sd[nm].to(getattr(self, 'device', torch.device('cpu'))))
+
+
+class MicroAccuracy(_CountMetric):
+    """The share of samples classified right (micro accuracy: torchmetrics' `MulticlassAccuracy(average='micro')`,
+    whose default is the macro mean over classes), from exact counts: `correct` and `total`, int64 on the device, summed
+    over processes exactly. `MetricsCB(accuracy=MicroAccuracy())`; with `update`/`compute`/`reset`, so it also works
+    alone. Light: no import beyond torch."""
+    _counts = ('correct', 'total')
+
+    def __init__(self): self.reset()
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        self.correct += (self._classes(preds, targets) == targets).sum()
+        self.total += targets.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.double() / self.total if self.total.item() else torch.tensor(float('nan'))
+
+    def __repr__(self) -> str: return 'MicroAccuracy()'
+
+
+class BalancedAccuracy(_CountMetric):
+    """Balanced accuracy: the mean over classes of each class's recall (the share of its samples classified right), over
+    the classes the targets hold (scikit-learn's `balanced_accuracy_score`; torchmetrics'
+    `MulticlassAccuracy(average='macro')` also averages classes seen only in predictions). On unbalanced classes it shows
+    what micro accuracy hides: a model that always answers the majority class scores 1 / num_classes. Per-class counts
+    `correct` and `total` (int64 on the device) are summed over processes exactly."""
+    _counts = ('correct', 'total')
+
+    def __init__(self, num_classes: int):
+        self.num_classes = check_int('BalancedAccuracy: num_classes', num_classes, 1)
+        self.reset()
+
+    def _shape(self) -> tuple: return (self.num_classes,)
+
+    def update(self, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        y = targets.reshape(-1)
+        hit = (self._classes(preds, targets).reshape(-1) == y).to(torch.int64)
+        self.total.index_add_(0, y, torch.ones_like(y))  # index_add_, unlike bincount, needs no host read of the max
+        self.correct.index_add_(0, y, hit)
+
+    def compute(self) -> torch.Tensor:
+        seen = self.total > 0
+        if not seen.any(): return torch.tensor(float('nan'))
+        return (self.correct[seen].double() / self.total[seen]).mean()
+
+    def __repr__(self) -> str: return f'BalancedAccuracy(num_classes={self.num_classes})'
+
+
 def _sync_kind(m) -> str | None:
-    """How a metric's state is summed over processes: 'self' (torchmetrics: its compute() gathers its own state),
+    """How a metric's state is summed over processes: 'sum' (it has `all_reduce(device)`, which sums its state over the
+    processes: MicroAccuracy, BalancedAccuracy, or yours), 'self' (torchmetrics: its compute() gathers its own state),
     'torcheval' (its toolkit merges the ranks' states), or None (no known way)."""
+    if callable(getattr(m, 'all_reduce', None)): return 'sum'
     tm = sys.modules.get('torchmetrics')
     if tm is not None and isinstance(m, tm.Metric): return 'self'
     te = sys.modules.get('torcheval.metrics')
@@ -60,6 +148,9 @@ def _sync_kind(m) -> str | None:
 def _reduced(m):
     """`m.compute()` over every process's samples (a collective)."""
     kind = _sync_kind(m)
+    if kind == 'sum':
+        m.all_reduce(_comm_device())
+        return m.compute()
     if kind == 'self': return m.compute()  # reducing it again would count every sample world_size times
     if kind == 'torcheval':
         from torcheval.metrics.toolkit import sync_and_compute
@@ -68,7 +159,8 @@ def _reduced(m):
 
 
 _NO_SYNC = ('MetricsCB: the metric {} has no known way to sum its state over processes, so each process would report '
-            'only its own share: use a torchmetrics or torcheval metric (each sums its state across processes)')
+            'only its own share: use MicroAccuracy, BalancedAccuracy, a torchmetrics or torcheval metric (each sums its '
+            'state across processes), or give it an all_reduce(device) method that sums its state')
 
 
 def _is_metric(m) -> bool: return all(callable(getattr(m, a, None)) for a in ('update', 'compute', 'reset'))
@@ -116,8 +208,9 @@ class _Rows:
         self.n = n + k
 
     def state(self) -> dict | None:
-        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks."""
-        return None if self.p is None else {'p': self.p[:self.n], 'y': self.y[:self.n], 'cap': self.cap}
+        """The rows held so far and the chunk's capacity, so a resumed phase hands the metrics the same chunks. Copies:
+        torch.save writes a slice's whole storage (the chunk, `nbytes`), whatever the slice holds."""
+        return None if self.p is None else {'p': self.p[:self.n].clone(), 'y': self.y[:self.n].clone(), 'cap': self.cap}
 
     def load(self, s: dict | None, device) -> None:
         self.p = self.y = None
@@ -150,11 +243,16 @@ class _BatchLosses:
         self.pending.append(loss)
         if len(self.pending) == 64: self.chunks.append(torch.stack(self.pending)); self.pending = []
 
+    def held(self) -> torch.Tensor | None:
+        """The phase's losses so far as one device tensor (no host sync), or None."""
+        if self.pending: self.chunks.append(torch.stack(self.pending)); self.pending = []
+        if len(self.chunks) > 1: self.chunks = [torch.cat(self.chunks)]
+        return self.chunks[0] if self.chunks else None
+
     def take(self) -> list[float]:
-        if self.pending: self.chunks.append(torch.stack(self.pending))
-        out = torch.cat(self.chunks).tolist() if self.chunks else []
-        self.pending, self.chunks = [], []
-        return out
+        held = self.held()
+        self.chunks = []
+        return [] if held is None else held.tolist()
 
 
 class MetricsCB(Callback):
@@ -171,8 +269,9 @@ class MetricsCB(Callback):
     torchmetrics and torcheval) that equals one update per batch; set `buffer_bytes = 0` for a metric whose value
     depends on how the samples are split into batches (a running mean over a window of batches).
 
-    `state_dict()` holds `history` and, inside a phase, what the phase has gathered so far (the loss sum, each metric's
-    state and the buffered rows), so a run resumed mid-phase reports the numbers it would have. A metric's state is
+    `state_dict()` holds `history`, `batch_losses` and, inside a phase, what the phase has gathered so far (the loss
+    sum, each metric's state, the buffered rows, each batch's loss), so a run resumed mid-phase reports the numbers it
+    would have and its plot has every batch's loss. A metric's state is
     read through torchmetrics' `metric_state` or the metric's own `state_dict`/`load_state_dict` (torcheval)."""
     order = 0
     buffer_bytes = 2**20  # device memory holding predictions and targets between metric updates; a metric's update may
@@ -196,9 +295,11 @@ class MetricsCB(Callback):
 
     def _log(self, d: dict) -> None: print(d)
 
+    def added(self, learn) -> None: learn.metrics = self  # learn.metrics exists from when the callback is added
+
     def before_fit(self, learn):
         learn.metrics = self
-        self.history, self.batch_losses, self._device, self._warned = [], [], None, False
+        self.history, self.batch_losses, self._device, self._warned, self._rows_shown = [], [], None, False, 0
         if several_processes():
             for m in self.metrics.values():
                 if _sync_kind(m) is None: raise ValueError(_NO_SYNC.format(type(m).__name__))
@@ -214,12 +315,15 @@ class MetricsCB(Callback):
         self._rows, self._batch = _Rows(self.buffer_bytes), _BatchLosses()
         self._left = n_counted(learn.dl)  # samples still to count; None: all (no repeats evening out the shards)
         self._in_phase = True
+        self._split = batch_split(learn)  # a dict batch's target: the key the step's loss takes first
 
     def after_batch(self, learn):
-        try: y = learn.batch[1]  # the seed's batch: (x, y, ...)
-        except (KeyError, IndexError):
-            raise TypeError(f'MetricsCB reads the targets as batch[1], but the batch is a {type(learn.batch).__name__} '
-                            f'without one: yield (x, y, ...) batches') from None
+        b = learn.batch
+        try: y = b[1] if isinstance(b, (list, tuple)) else split_batch(b, *self._split)[1][0]  # the seed's batch: (x, y, ...)
+        except IndexError:
+            where = ("batch[1], but the batch is a {} without one: yield (x, y, ...) batches" if isinstance(b, (list, tuple))
+                     else "the first key after the model's inputs, but the {} batch has none: name it, TrainCB(target=...)")
+            raise TypeError(f'MetricsCB reads the targets as {where.format(type(b).__name__)}') from None
         n, loss = len(y), learn.loss.detach()
         if learn.model.training: self._batch.add(loss)
         if self._left is not None:
@@ -273,27 +377,38 @@ class MetricsCB(Callback):
             warnings.warn(f"MetricsCB: the {row['train']} loss of epoch {row['epoch']} is {row['loss']}: training "
                           f'diverged or the data holds NaN/inf; lower the lr or check the inputs (TerminateOnNaNCB() '
                           f'stops a fit at the first such batch)', stacklevel=2)
-        self._in_phase = False
+        self._in_phase, self._rows_shown = False, self._rows_shown + 1
         if self._main: self._print(learn, row)  # first: a consumer may end the fit (early stopping), and the row is still shown
         for f in self._consumers: f(learn, row)
 
     def cleanup_epoch(self, learn): self._in_phase = False
 
+    def after_fit(self, learn):
+        # a fit that ran no phase but holds rows resumed a finished run: show its table rather than nothing
+        if self._main and not self._rows_shown:
+            for row in self.history: self._print(learn, row)
+
     def state_dict(self) -> dict:
-        s = {'history': [dict(r) for r in self.history], 'phase': None}
+        # batch_losses as one float64 tensor (Python floats are float64: exact), not a list of pairs, in every checkpoint
+        s = {'history': [dict(r) for r in self.history], 'phase': None,
+             'batch_losses': torch.tensor(self.batch_losses, dtype=torch.float64).reshape(-1, 2)}
         if getattr(self, '_in_phase', False):
             total = self.loss.total
             s['phase'] = {'loss': {'total': total, 'weight': self.loss.weight}, 'rows': self._rows.state(), 'left': self._left,
+                          'batch_losses': self._batch.held(),
                           'device': str(total.device) if total is not None else 'cpu',
                           'metrics': {k: _metric_state(k, m) for k, m in self.metrics.items()}}
         return s
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [dict(r) for r in state['history']]
+        if 'batch_losses' in state: self.batch_losses = [tuple(r) for r in state['batch_losses'].tolist()]
         ph = state['phase']
         if ph is None: return
         dev = torch.device(ph['device'])  # where the phase's batches are (a checkpoint is read onto the CPU)
         if dev.type == 'cuda' and not torch.cuda.is_available(): dev = torch.device('cpu')
+        self._batch = _BatchLosses()
+        if ph.get('batch_losses') is not None: self._batch.chunks = [ph['batch_losses'].to(dev)]
         total = ph['loss']['total']
         self.loss.total, self.loss.weight = None if total is None else total.to(dev), ph['loss']['weight']
         self._rows = _Rows(self.buffer_bytes)

@@ -132,6 +132,8 @@ class GradientAccumulationCB(Callback):
         for p, g in self._set_aside: p.grad = g
         self._set_aside, self.count, self.samples = None, 0, 0
 
+    def resume_settings(self) -> dict: return {'n': self.n}  # a resumed run must keep its optimiser steps
+
     def state_dict(self) -> dict:
         window = None
         if self._set_aside is not None:

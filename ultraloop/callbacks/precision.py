@@ -89,6 +89,9 @@ class MixedPrecisionCB(Callback):
             self._on = False
             self._autocast.__exit__(None, None, None)
 
+    def resume_settings(self) -> dict:
+        return {'dtype': str(self.dtype).replace('torch.', '') if self.dtype else None}  # a resumed run keeps its precision
+
     def state_dict(self) -> dict:
         return {'scaler': None if self.scaler is None else self.scaler.state_dict(), 'skipped': self.skipped}
 

@@ -59,6 +59,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn):
         self.losses, self._header, self._bar, self._host, self._event, self._handle = [], None, None, None, None, None
+        self._t0 = None  # the phase's start: none yet
         self.rows: list[dict] = []  # MetricsCB's rows of this fit, as handed to log_metrics
         self._mbar = None  # made at the first phase, so an error in another callback's before_fit prints no bar
         self._show_bars = self.bars if self.bars is not None else in_notebook() or sys.stderr.isatty()
@@ -110,7 +111,7 @@ class ProgressCB(Callback):
 
     def print_metrics(self, learn, row: dict) -> None:
         """One line of the epoch table (a header first), in place of MetricsCB's printed dict: its row and the time."""
-        d = {**format_row(row), 'time': _mmss(_clock() - self._t0)}
+        d = {**format_row(row), 'time': _mmss(_clock() - self._t0) if self._t0 is not None else ''}  # none: a row resumed
         widths = [max(len(k), 7) + 2 for k in d]
         if self._header != list(d):
             self._header = list(d)

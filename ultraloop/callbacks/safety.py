@@ -41,6 +41,10 @@ class MonitorCB(Callback):
     def before_fit(self, learn):
         self.best = None
         if self.monitor is None: return
+        if self._phase == 'valid' and getattr(learn, '_no_valid_dl', False):
+            raise ValueError(f"{self.name} watches {self.monitor!r}, but dls has no valid loader (DataLoaders(train)), so "
+                             f"no valid phase runs: give one, DataLoaders(train_dl, valid_dl), or monitor='train_"
+                             f"{self._key}'")
         m = _metrics_cb(learn)
         if m is None:
             raise ValueError(f'{self.name} watches {self.monitor!r}, a value MetricsCB computes: add MetricsCB(...) to cbs')

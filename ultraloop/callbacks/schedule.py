@@ -3,7 +3,6 @@ hyper-parameters per batch (RecorderCB)."""
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +54,14 @@ class BaseSchedCB(Callback):
         if not learn.training: return
         self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
         self.sched.step()
+
+    def resume_settings(self) -> dict:
+        """What a resumed fit must keep: the plain arguments of a `functools.partial` sched_func (or one with the
+        same `keywords`: fit_one_cycle's epochs and max_lr). The saved scheduler state carries them and would silently
+        replace new ones: a run resumed with more epochs under one-cycle would end at the old step count (`Tried to step
+        ... times`)."""
+        kw = getattr(self.sched_func, 'keywords', None) or {}
+        return {k: v for k, v in kw.items() if v is None or isinstance(v, (bool, int, float, str))}
 
     def state_dict(self) -> dict:
         return {'sched': None if self.sched is None else self.sched.state_dict(), 'lrs': list(self.lrs),
@@ -144,17 +151,35 @@ def fit_one_cycle(learn, n_epochs: int, lr_max: float, cbs=None, cycle_momentum:
     """Fit `n_epochs` with torch's OneCycleLR up to `lr_max`, over every optimiser step of the fit, cycling SGD's
     momentum or Adam's beta1 inversely (by default not for an SGD without momentum). `sched_kwargs` go to OneCycleLR
     (pct_start, div_factor, final_div_factor, base_momentum, max_momentum, ...); `resume` to `learn.fit` (the schedule
-    goes on from its saved state). Returns the schedule callback."""
+    goes on from its saved state). The schedule is sized when the fit starts, from the batches each process takes of
+    the loader it iterates (its share under DistributedCB). Returns the schedule callback."""
     check_int('fit_one_cycle: n_epochs', n_epochs, 1)
     check_number('fit_one_cycle: lr_max', lr_max, gt=0, finite=True)
     cbs = _as_cbs(cbs)
-    total = n_epochs * _steps_per_epoch(learn, cbs)
-    sched = BatchSchedCB(partial(_one_cycle, max_lr=lr_max, total_steps=total, cycle_momentum=cycle_momentum, **sched_kwargs))
+    _steps_per_epoch(learn, cbs)  # a loader without a length: refused before any work
+
+    sched_func = _OneCycle(learn, cycle_momentum, n_epochs, lr_max, sched_kwargs)
+    sched = BatchSchedCB(sched_func)
     learn.fit(n_epochs, cbs=[sched, *cbs], lr=lr_max, resume=resume)
     return sched
 
 
 Learner.fit_one_cycle = fit_one_cycle  # learn.fit_one_cycle(...)
+
+
+class _OneCycle:
+    """fit_one_cycle's schedule factory. It sizes the schedule at fit start, from the loader the fit iterates: under
+    DistributedCB (whose before_fit runs first) that is this process's share, so the schedule spans the steps each
+    process really takes. `keywords` (as a `functools.partial`'s) are what a resumed fit must keep: the epochs the cycle
+    spans (its steps per epoch are checked with the loaders), its peak and the other plain OneCycleLR arguments."""
+
+    def __init__(self, learn, cycle_momentum: bool | None, n_epochs: int, lr_max: float, kwargs: dict):
+        self.learn, self.cycle_momentum, self.n_epochs, self.lr_max, self.kwargs = learn, cycle_momentum, n_epochs, lr_max, kwargs
+        self.keywords = {'epochs': n_epochs, 'max_lr': lr_max, **kwargs}
+
+    def __call__(self, opt) -> lr_scheduler.OneCycleLR:
+        total = self.n_epochs * _steps_per_epoch(self.learn, ())
+        return _one_cycle(opt, self.cycle_momentum, max_lr=self.lr_max, total_steps=total, **self.kwargs)
 
 
 def _one_cycle(opt, cycle_momentum: bool | None, **kwargs) -> lr_scheduler.OneCycleLR:

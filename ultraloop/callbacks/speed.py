@@ -19,6 +19,9 @@ class ChannelsLastCB(Callback):
     def before_batch(self, learn):
         b = learn.batch
         if isinstance(b, tuple): learn.batch = b = list(b)
+        elif not isinstance(b, list):
+            raise TypeError(f'{self.name} puts batch[0] in channels-last order, but the batch is a {type(b).__name__}: '
+                            f'yield (x, y) batches (DataLoaders.from_dd(..., as_tuple=True)), or remove {self.name}')
         x = b[0]
         if learn.iter == 0 and (not isinstance(x, torch.Tensor) or x.ndim != 4):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
