@@ -389,10 +389,17 @@ def _regression_columns() -> list[str]:
 UNBALANCED = 1.5  # largest class over smallest in the training samples beyond which balanced_accuracy is shown too
 
 
-def _unbalanced(y) -> bool:
+def _unbalanced(*ys) -> bool:
+    """Whether the largest class holds over UNBALANCED times the samples of the smallest, over the targets `ys` (label
+    tensors, or the datasets of images decoded each epoch)."""
     import torch
-    counts = torch.bincount(y.long().flatten())
+    y = torch.cat([t if isinstance(t, torch.Tensor) else torch.as_tensor(t.labels) for t in ys]).long().flatten()
+    counts = torch.bincount(y)
     return bool(counts.min() == 0 or counts.max() > UNBALANCED * counts.min())
+
+
+def _labels(data) -> list:
+    return [data.x_train if data.y_train is None else data.y_train, data.x_valid if data.y_valid is None else data.y_valid]
 
 
 def _task_metric_cbs(task: str, n_out: int, balanced: bool = False) -> list:
@@ -501,7 +508,7 @@ def _fit(args) -> int:
     from .callbacks.distributed import DistributedCB, launched
     if launched(): learn.add_cb(DistributedCB(args.strategy))  # torchrun started this process: train with the others
     data = args.loaded
-    learn.add_cbs(_task_metric_cbs(data.task, data.n_out, data.task != 'regression' and _unbalanced(data.y_train)))
+    learn.add_cbs(_task_metric_cbs(data.task, data.n_out, data.task != 'regression' and _unbalanced(*_labels(data))))
     if args.csv is not None:
         from .callbacks import CSVLoggerCB
         learn.add_cb(CSVLoggerCB(args.csv))
