@@ -2,6 +2,7 @@
 table, an .npz file, mnist1d; a model factory of the user's; config.toml repeating a run; predict and evaluate; and the
 bad-data errors, one line each with exit code 2. The data are easy on purpose: each run must beat chance by far."""
 import csv
+import sys
 import types
 
 import numpy as np
@@ -99,6 +100,13 @@ def test_csv_table_with_unbalanced_classes_shows_balanced_accuracy(tmp_path, cli
     assert list(last) == ['accuracy', 'balanced_accuracy', 'loss', 'epoch', 'train']
     assert float(last['accuracy']) >= 0.85 and float(last['balanced_accuracy']) >= 0.8
     assert f"balanced_accuracy {float(last['balanced_accuracy']):.3f}" in r.stdout
+    # predict on the table without its target column: one row per table row, the class names, mostly right
+    pd.DataFrame({'x1': x1, 'x2': x2, 'colour': colour}).to_csv(tmp_path / 'new.csv', index=False)
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'new.csv', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    preds = rows(tmp_path / 'p.csv')
+    assert [p['id'] for p in preds] == [str(i) for i in range(300)]
+    assert sum(p['prediction'] == t for p, t in zip(preds, label)) >= 0.85 * 300
 
 
 def test_parquet_table_regression(tmp_path, cli):
@@ -124,6 +132,11 @@ def test_npz_arrays_and_a_model_factory_of_yours(tmp_path, cli, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('data: a.npz (240 train, 60 valid, (6,), 3 classes), model: mlp')
     assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.75  # chance: 1/3
+    # a .pt file: torch.save of a dict of tensors, read the same way
+    torch.save({'x': torch.from_numpy(x), 'y': torch.from_numpy(x[:, :3].argmax(1))}, tmp_path / 'a.pt')
+    r = cli('fit', '--data', 'a.pt', '--epochs', '1', '--threads', '1', '--out', 'pt')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('data: a.pt (240 train, 60 valid, (6,), 3 classes), model: mlp')
     # --model module:function: the factory is called with (inputs, classes) and its model is trained
     (tmp_path / 'my_nets.py').write_text(
         'import torch\ncalls = []\n\ndef make_net(n_in, n_classes):\n    calls.append((n_in, n_classes))\n'
@@ -133,6 +146,7 @@ def test_npz_arrays_and_a_model_factory_of_yours(tmp_path, cli, monkeypatch):
             '--threads', '1', '--out', 'mine', '--csv', 'm.csv')
     assert r.returncode == 0, r.stderr
     import my_nets
+    monkeypatch.delitem(sys.modules, 'my_nets')  # imported from this test's folder: gone after it
     assert my_nets.calls == [(6, 3)]
     assert 'model: my_nets:make_net' in r.stdout
     assert float(last_valid(tmp_path / 'm.csv')['accuracy']) >= 0.75
@@ -147,6 +161,17 @@ def test_mnist1d_small(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('data: mnist1d (480 train, 120 valid, (40,)), model: cnn')
     assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.25  # chance: 0.1
+
+
+@pytest.mark.parametrize('command', ['predict', 'evaluate'])
+def test_help_documents_every_option(command, capsys):
+    from ultraloop.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices[command]
+    opts = [s for a in sub._actions for s in a.option_strings if s.startswith('--') and s != '--help']
+    with pytest.raises(SystemExit) as e: main([command, '--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert '--checkpoint' in opts and [o for o in opts if o not in out] == []
 
 
 def test_bad_data_one_line_exit_2(tmp_path, cli):
