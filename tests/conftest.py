@@ -1,5 +1,6 @@
 """Shared test helpers: tiny learnable data and models, made in the test, no downloads; bitwise comparison."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -35,6 +36,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator of other settings once it exists:
+    # tests that share a worker process (pytest-xdist) must not see each other's
+    yield
+    state = sys.modules.get('accelerate.state')
+    if state is not None:
+        state.AcceleratorState._reset_state(True)
 
 
 def assert_same(a, b, where: str = '') -> None:
