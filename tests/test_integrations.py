@@ -4,6 +4,7 @@ Optuna (an in-memory study), and Ray Train through a stand-in of `ray.train`; Ch
 import json
 import struct
 import sys
+import time
 import textwrap
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def _wandb_records(path: Path) -> list:
     return out
 
 
+def _finished_wandb_records(path: Path, timeout: float = 60) -> list:
+    """The run file's records once they end with the run's exit record: wandb's writer process may still be writing the
+    file for a moment after `run.finish()` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try: recs = _wandb_records(path)
+        except Exception:  # a record half written  # noqa: BLE001
+            if time.monotonic() > deadline: raise
+            recs = []
+        if any(r.WhichOneof('record_type') == 'exit' for r in recs) or time.monotonic() > deadline: return recs
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_holds_every_row_batch_loss_and_the_hyper_parameters(tmp_path, monkeypatch):
     from ultraloop import WandbCB
     for k, v in {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_SILENT': 'true'}.items(): monkeypatch.setenv(k, v)
@@ -82,7 +96,7 @@ def test_wandb_offline_run_holds_every_row_batch_loss_and_the_hyper_parameters(t
     learn = _learner(ck, WandbCB(project='p', name='r', config={'note': 'x', 'bs': 'sixteen'}, log_checkpoints=True))
     learn.fit(3)
     run_file, = tmp_path.glob('wandb/offline-run-*/run-*.wandb')
-    recs = _wandb_records(run_file)
+    recs = _finished_wandb_records(run_file)
     hist = [{i.key or '/'.join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
             for r in recs if r.WhichOneof('record_type') == 'history']
     m = learn.metrics
@@ -287,7 +301,7 @@ def test_fit_command_logs_to_csv_tensorboard_wandb_and_mlflow(tmp_path, monkeypa
     assert (p['model'], p['epochs'], p['opt'], p['n_params']) == ('mlp', '2', 'adamw', str(64 * 128 + 128 + 128 * 10 + 10))
     run_file, = run.glob('wandb/offline-run-*/run-*.wandb')
     last = {i.key or '/'.join(i.nested_key): json.loads(i.value_json)
-            for r in _wandb_records(run_file) if r.WhichOneof('record_type') == 'history' for i in r.history.item}
+            for r in _finished_wandb_records(run_file) if r.WhichOneof('record_type') == 'history' for i in r.history.item}
     assert {k: v for k, v in last.items() if k[:6] in ('train_', 'valid_')} == ml.data.metrics  # each one's last value
 
 
