@@ -265,3 +265,6 @@ if __name__ == '__main__':
     for name in names:
         res = SCENARIOS[name](out, rank)
         (out / f'{name}-rank{rank}.json').write_text(json.dumps(res))
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # a group (accelerate's) left to the interpreter's exit can abort the process
