@@ -661,18 +661,25 @@ def _outputs(model, x, bs: int, device):
     with torch.no_grad(): return torch.cat([model(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
 
 
-def _predict(args) -> int:
-    import csv
-
+def _saved_run(args):
+    """What predict and evaluate start from: the run's config file, the device, the fitted model and the data's
+    preparation (the config's `data` table)."""
     import torch
-
-    from .sources import load_inputs
     _check_paths(args)
     cfg, path = _run_config(args)
     device = _device(args.device, args.parser)
     if args.threads is not None: torch.set_num_threads(args.threads)
     model = _fitted_model(args, cfg, path)
     info = cfg['data']
+    return path, device, model, info
+
+
+def _predict(args) -> int:
+    import csv
+
+
+    from .sources import load_inputs
+    path, device, model, info = _saved_run(args)
     x, _, ids = load_inputs(args.data, info, labelled=False)
     out = args.out if args.out is not None else _run_dir(args, 'predict') / 'preds.csv'
     preds = _outputs(model, x, args.bs, device)
@@ -698,12 +705,7 @@ def _evaluate(args) -> int:
     from .data import DataLoaders
     from .learner import Learner
     from .sources import load_inputs
-    _check_paths(args)
-    cfg, path = _run_config(args)
-    device = _device(args.device, args.parser)
-    if args.threads is not None: torch.set_num_threads(args.threads)
-    model = _fitted_model(args, cfg, path)
-    info = cfg['data']
+    path, device, model, info = _saved_run(args)
     x, y, _ = load_inputs(args.data, info, labelled=True)
     regression = info['task'] == 'regression'
     metric_cbs = _task_metric_cbs(info['task'], info['n_out'], not regression and _unbalanced(y))
