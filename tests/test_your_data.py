@@ -20,7 +20,8 @@ def cli(capsys, monkeypatch, tmp_path):
 
     def run(*args):
         capsys.readouterr()
-        code = main(list(map(str, args)))
+        try: code = main(list(map(str, args)))
+        except SystemExit as e: code = e.code  # the argument parser's own errors exit
         out, err = capsys.readouterr()
         return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
     yield run
@@ -121,6 +122,14 @@ def test_parquet_table_regression(tmp_path, cli):
     assert list(last) == ['mae', 'loss', 'epoch', 'train']
     baseline = float(np.abs(y - y.mean()).mean())  # predicting the mean: about 3.1
     assert float(last['mae']) < 0.25 * baseline
+    # predict writes numbers in the target's units; evaluate's mae is theirs against the column, over the whole table
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 't.parquet', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    preds = np.array([float(p['prediction']) for p in rows(tmp_path / 'p.csv')])
+    assert len(preds) == 300 and np.abs(preds - y).mean() < 0.25 * baseline
+    r = cli('evaluate', '--checkpoint', 'run/model.pt', '--data', 't.parquet', '--out', 'ev')
+    assert r.returncode == 0, r.stderr
+    assert f'eval: mae {np.abs(preds - y).mean():.3f}' in r.stdout and 'confusion' not in r.stdout
 
 
 def test_npz_arrays_and_a_model_factory_of_yours(tmp_path, cli, monkeypatch):
@@ -132,6 +141,12 @@ def test_npz_arrays_and_a_model_factory_of_yours(tmp_path, cli, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('data: a.npz (240 train, 60 valid, (6,), 3 classes), model: mlp')
     assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.75  # chance: 1/3
+    r = cli('evaluate', '--checkpoint', 'run/model.pt', '--data', 'a.npz', '--out', 'ev')
+    assert r.returncode == 0, r.stderr
+    r2 = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'a.npz', '--out', 'p.csv')
+    assert r2.returncode == 0, r2.stderr
+    right = sum(int(p['prediction']) == t for p, t in zip(rows(tmp_path / 'p.csv'), x[:, :3].argmax(1)))
+    assert right >= 0.75 * 300 and f'eval: accuracy {right / 300:.3f}' in r.stdout
     # a .pt file: torch.save of a dict of tensors, read the same way
     torch.save({'x': torch.from_numpy(x), 'y': torch.from_numpy(x[:, :3].argmax(1))}, tmp_path / 'a.pt')
     r = cli('fit', '--data', 'a.pt', '--epochs', '1', '--threads', '1', '--out', 'pt')
@@ -161,6 +176,21 @@ def test_mnist1d_small(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith('data: mnist1d (480 train, 120 valid, (40,)), model: cnn')
     assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.25  # chance: 0.1
+    # predict and evaluate take the run's own valid split (from its config) and agree: evaluate's accuracy is the share
+    # predict gets right, and the fit's last valid accuracy
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'mnist1d', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    preds = rows(tmp_path / 'p.csv')
+    r = cli('evaluate', '--checkpoint', 'run/model.pt', '--data', 'mnist1d', '--out', 'ev')
+    assert r.returncode == 0, r.stderr
+    matrix = r.stdout.split('columns: predicted):\n')[1].splitlines()[:10]
+    counts = [[int(v) for v in line.split()[1:]] for line in matrix]
+    assert sum(map(sum, counts)) == len(preds)
+    assert [sum(col) for col in zip(*counts)] == [sum(p['prediction'] == c for p in preds) for c in
+                                                 [line.split()[0] for line in matrix]]
+    right = sum(counts[i][i] for i in range(10))
+    assert len(preds) == 120 and f'eval: accuracy {right / 120:.3f}' in r.stdout
+    assert right / 120 == pytest.approx(float(last_valid(tmp_path / 'h.csv')['accuracy']), abs=1e-6)
 
 
 @pytest.mark.parametrize('command', ['predict', 'evaluate'])
@@ -197,4 +227,130 @@ def test_bad_data_one_line_exit_2(tmp_path, cli):
         assert len(lines) == 1 and lines[0].startswith('ultraloop: error: '), r.stderr
         if message is not None:
             assert lines[0] == f'ultraloop: error: {message} (run with --debug for the traceback)'
+        assert not (tmp_path / 'run').exists()
+
+
+FAKE_TIMM = '''"""A stand-in for timm's create_model (timm itself needs a torchvision built for this torch): the keywords the
+command passes, and the local weights file read the way timm reads pretrained_cfg_overlay's 'file'."""
+import torch
+calls = []
+
+
+def create_model(name, pretrained=False, pretrained_cfg_overlay=None, num_classes=1000, in_chans=3):
+    calls.append(dict(name=name, pretrained=pretrained, overlay=pretrained_cfg_overlay, num_classes=num_classes,
+                      in_chans=in_chans))
+    if name != 'tiny_net': raise RuntimeError(f'Unknown model ({name})')
+    net = torch.nn.Sequential(torch.nn.Conv2d(in_chans, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+    if pretrained:  # timm drops a classifier of another number of classes and loads the rest
+        sd = torch.load(pretrained_cfg_overlay['file'], weights_only=True)
+        net.load_state_dict({k: v for k, v in sd.items() if not k.startswith('4.')}, strict=False)
+    return net
+'''
+
+
+def test_timm_model_and_local_pretrained_weights(tmp_path, cli, monkeypatch):
+    grey_images(tmp_path / 'imgs')
+    monkeypatch.setitem(sys.modules, 'timm', None)  # timm missing: one line saying how to install it
+    r = cli('fit', '--data', 'imgs', '--model', 'timm:tiny_net', '--epochs', '1', '--out', 'none')
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert '--model timm:tiny_net needs timm, which is not installed: pip install timm' in r.stderr
+    monkeypatch.delitem(sys.modules, 'timm')
+    (tmp_path / 'timm.py').write_text(FAKE_TIMM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import timm
+    monkeypatch.setitem(sys.modules, 'timm', timm)  # removed again after this test
+    torch.manual_seed(5)
+    donor = timm.create_model('tiny_net', num_classes=7, in_chans=1)  # "pretrained" on 7 classes
+    torch.save(donor.state_dict(), tmp_path / 'tiny.pt')
+    timm.calls.clear()
+    r = cli('fit', '--data', 'imgs', '--model', 'timm:tiny_net', '--pretrained', 'tiny.pt', '--epochs', '4', '--bs', '8',
+            '--lr', '0.03', '--threads', '1', '--out', 'run', '--csv', 'h.csv', '--save', 'w.pt')
+    assert r.returncode == 0, r.stderr
+    assert timm.calls == [dict(name='tiny_net', pretrained=True, overlay={'file': 'tiny.pt'}, num_classes=3, in_chans=1)]
+    assert 'model: timm:tiny_net' in r.stdout
+    assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.6  # chance: 1/3
+    # the run's model is the timm net behind the images' normalisation; predict rebuilds it without the weights file
+    sd = torch.load(tmp_path / 'w.pt', weights_only=True)
+    assert sorted(sd) == ['net.0.bias', 'net.0.weight', 'net.4.bias', 'net.4.weight', 'normalize.mean', 'normalize.std']
+    (tmp_path / 'tiny.pt').unlink()
+    timm.calls.clear()
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'imgs', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    assert [c['pretrained'] for c in timm.calls] == [False] and len(rows(tmp_path / 'p.csv')) == 48
+    # the bad cases, each one line before any work
+    cases = [(['--model', 'timm:tiny_net', '--pretrained', 'tiny.pt'],
+              '--pretrained tiny.pt: no such file; give the weights file of timm:tiny_net on this machine (it is never '
+              'downloaded)'),
+             (['--model', 'cnn', '--pretrained', 'w.pt'],
+              '--pretrained is for --model timm:NAME (a timm model); --model cnn starts from random weights')]
+    for argv, message in cases:
+        r = cli('fit', '--data', 'imgs', *argv, '--epochs', '1', '--out', 'bad')
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith('ultraloop fit: error: ') and message in r.stderr
+        assert not (tmp_path / 'bad').exists()
+
+
+def sized_images(folder, sizes, n_per_class=8):
+    """Two classes of RGB PNGs (reddish, bluish) in the given sizes, cycled."""
+    from PIL import Image
+    g = np.random.default_rng(3)
+    for c, colour in (('blue', (40, 60, 200)), ('red', (200, 50, 40))):
+        (folder / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            w, h = sizes[i % len(sizes)]
+            a = np.clip(np.array(colour) + g.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a, mode='RGB').save(folder / c / f'{i}.png')
+
+
+def test_image_folders_presplit_mixed_sizes_and_lr_find(tmp_path, cli):
+    # train/ and valid/ folders are the split; no share is held out of train
+    sized_images(tmp_path / 'split' / 'train', [(12, 12)], n_per_class=12)
+    sized_images(tmp_path / 'split' / 'valid', [(12, 12)], n_per_class=3)
+    r = cli('fit', '--data', 'split', '--epochs', '3', '--bs', '8', '--lr', '0.01', '--threads', '1', '--out', 'run',
+            '--csv', 'h.csv')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('data: split (24 train, 6 valid, (3, 12, 12), 2 classes), model: cnn')
+    assert float(last_valid(tmp_path / 'h.csv')['accuracy']) == 1.0  # red against blue
+    from ultraloop.sources import read_toml
+    assert read_toml(tmp_path / 'run' / 'config.toml')['data']['split'] == {'how': 'folders'}
+    # mixed sizes: refused without --size, naming two files; resized to N x N with it
+    sized_images(tmp_path / 'mixed', [(12, 12), (16, 10)])
+    r = cli('fit', '--data', 'mixed', '--epochs', '1', '--out', 'bad')
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert ('ultraloop: error: images differ in size: mixed/blue/0.png is 12x12, mixed/blue/1.png is 16x10; '
+            'give --size N to resize them all to N x N') in r.stderr
+    r = cli('fit', '--data', 'mixed', '--size', '14', '--epochs', '3', '--bs', '4', '--lr', '0.01', '--threads', '1',
+            '--out', 'sized', '--csv', 's.csv')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('data: mixed (13 train, 3 valid, (3, 14, 14), 2 classes)')
+    assert float(last_valid(tmp_path / 's.csv')['accuracy']) == 1.0
+    # lr-find on your data: a suggestion and its plot
+    r = cli('lr-find', '--data', 'mixed', '--size', '14', '--bs', '4', '--threads', '1', '--out', 'lrf')
+    assert r.returncode == 0, r.stderr
+    assert 'suggested lr: ' in r.stdout and (tmp_path / 'lrf' / 'lr_find.png').is_file()
+
+
+def test_bad_images_one_line_exit_2(tmp_path, cli):
+    grey_images(tmp_path / 'one', n_per_class=2)
+    for c in ('mid', 'bright'):
+        for f in (tmp_path / 'one' / c).iterdir(): f.unlink()
+        (tmp_path / 'one' / c).rmdir()
+    grey_images(tmp_path / 'broken', n_per_class=2)
+    (tmp_path / 'broken' / 'mid' / '0.png').write_bytes(b'not a png')
+    (tmp_path / 'broken' / 'mid' / '1.png').write_bytes(b'nor this')
+    sized_images(tmp_path / 'unseen' / 'train', [(12, 12)], n_per_class=2)
+    sized_images(tmp_path / 'unseen' / 'valid', [(12, 12)], n_per_class=2)
+    (tmp_path / 'unseen' / 'valid' / 'green').mkdir()
+    (tmp_path / 'unseen' / 'valid' / 'blue' / '0.png').rename(tmp_path / 'unseen' / 'valid' / 'green' / '0.png')
+    cases = [('one', 'one has 1 class (dark); classification needs at least 2: add examples of another class (or use '
+                     '--task regression for a numeric target)'),
+             ('broken', 'broken/mid/0.png cannot be read as an image ('),
+             ('unseen', 'unseen/valid/green is a class with no training images in unseen/train; add a '
+                        'unseen/train/green folder or remove it')]
+    for data, message in cases:
+        r = cli('fit', '--data', data, '--epochs', '1', '--out', 'run')
+        assert r.returncode == 2, (data, r.stderr)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f'ultraloop: error: {message}'), r.stderr
         assert not (tmp_path / 'run').exists()

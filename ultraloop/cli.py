@@ -293,6 +293,9 @@ def _check_data_args(args) -> None:
     if args.pretrained is not None and not args.model.startswith('timm:'):
         args.parser.error(f'--pretrained is for --model timm:NAME (a timm model); --model {args.model} starts from '
                           f'random weights')
+    if args.pretrained is not None and not args.pretrained.is_file():
+        args.parser.error(f'--pretrained {args.pretrained}: no such file; give the weights file of {args.model} on this '
+                          f'machine (it is never downloaded)')
 
 
 def _load(args):
@@ -676,7 +679,6 @@ def _saved_run(args):
 
 def _predict(args) -> int:
     import csv
-
 
     from .sources import load_inputs
     path, device, model, info = _saved_run(args)
