@@ -12,8 +12,8 @@ from conftest import assert_same
 from torch import nn, optim
 from torch.nn import functional as F
 
-from ultraloop import (BatchSchedCB, Callback, DataLoaders, DeviceCB, LRFinderCB, MomentumLearner, TrainLearner,
-                       suggest_lr)
+from ultraloop import (BatchSchedCB, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, DeviceCB, EarlyStoppingCB,
+                       LRFinderCB, MetricsCB, MomentumLearner, TrainLearner, suggest_lr)
 
 
 def regression_dls(seed=0, n=512, bs=16):
@@ -199,6 +199,28 @@ def test_schedule_callbacks_sit_out_and_stay():
     lrs, scheduler = list(sched.lrs), sched.sched
     assert learn.lr_find(plot=False) is not None  # a decaying lr would never have found the blow-up
     assert learn.cbs == [sched] and sched.lrs == lrs and sched.sched is scheduler
+
+
+def test_checkpoints_loggers_and_monitors_sit_out(tmp_path):
+    """lr_find writes no checkpoint (the next fit(resume='auto') would go on from it) and no log row, and stops nothing;
+    the run after it equals, file for file, the run without it."""
+    def run(name, with_lr_find):
+        dls, _, _ = regression_dls()
+        cbs = [MetricsCB(), CheckpointCB(tmp_path / name / 'ck', monitor='valid_loss'),
+               CSVLoggerCB(tmp_path / name / 'h.csv'), EarlyStoppingCB(patience=1), Counter()]
+        learn = TrainLearner(dropout_model(), dls, F.mse_loss, lr=0.01, opt_func=sgd_mom, cbs=cbs)
+        if with_lr_find:
+            assert learn.lr_find(plot=False) is not None
+            assert learn.cbs == cbs and cbs[-1].n == 0 and not (tmp_path / name / 'h.csv').exists()
+            assert not (tmp_path / name / 'ck').exists() or list((tmp_path / name / 'ck').iterdir()) == []
+        learn.fit(2, resume='auto')
+        state = {k: v for k, v in snapshot(learn).items() if k != 'cbs'}  # the callbacks' ids differ between the runs
+        return state, (tmp_path / name / 'h.csv').read_text(), sorted(p.name for p in (tmp_path / name / 'ck').iterdir())
+
+    (with_state, with_csv, with_files), (without_state, without_csv, without_files) = run('a', True), run('b', False)
+    assert_same(with_state, without_state)
+    assert with_csv == without_csv and with_csv.count('\n') == 5  # header, 2 epochs x (train, eval)
+    assert with_files == without_files != []
 
 
 def test_bad_arguments_are_refused_and_change_nothing():

@@ -105,6 +105,7 @@ class _TrackerCB(Callback):
     """What WandbCB and MLflowCB share: hyper-parameters at fit start, each phase's row, each training batch's loss once
     per train phase, the metrics plot and optionally a checkpoint at fit end; only the main process logs."""
     order = 60  # after CheckpointCB (50): a checkpoint written as the fit ends is handed over before the run closes
+    lr_find_sits_out = True  # a record outside the learner: lr_find's growing lr would land in it
 
     def __init__(self, log_checkpoints: bool = False):
         if not isinstance(log_checkpoints, bool):
@@ -283,6 +284,7 @@ class RayTrainReportCB(Callback):
     holding that one file). Every process reports at every epoch's end (Ray needs each worker to report as often); only
     the one that writes checkpoints, the main one, attaches them. To go on from Ray's latest checkpoint after a restart,
     pass `resume=ray_resume_path(dir)` to fit."""
+    lr_find_sits_out = True  # a record outside the learner: lr_find's growing lr would land in it
     order = 60  # any order works: it reports in cleanup_epoch, after every callback's after_epoch (and checkpoint)
 
     def __init__(self, checkpoint: bool = True):

@@ -69,6 +69,7 @@ class CSVLoggerCB(Callback):
     differs, or that is not a CSV file, is refused before any batch runs. Under several processes only the main one
     writes. Its state is the file's length after the last row, so a run resumed with `fit(resume=...)` first cuts off
     the rows written after the checkpoint it resumes from (they are written again): no row appears twice."""
+    lr_find_sits_out = True  # a record outside the learner: lr_find's growing lr would land in it
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, path: str | os.PathLike = 'history.csv'):
@@ -125,6 +126,7 @@ class TensorBoardCB(Callback):
     processes only the main one writes. Its state is the rows of the last epoch it wrote: a resumed run hides
     (TensorBoard's `purge_step`) what was written from that epoch on, writes those rows again and goes on, so no
     point appears twice."""
+    lr_find_sits_out = True  # a record outside the learner: lr_find's growing lr would land in it
     order = 10  # consumers get each row in callback order: after the printed table
 
     def __init__(self, log_dir: str | os.PathLike = 'runs'):

@@ -146,7 +146,10 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
     return `suggest_lr`'s lr or None. miniai's signature, plus the keyword-only `plot`, `plot_path` and `lr_mult`.
     Afterwards the learner is as it was (`state.Snapshot`: weights, gradients, optimiser state and lrs, learner
     attributes, callbacks and their states, loaders' order and position, and every RNG), so a fit after lr_find equals
-    a fit without it. Schedule callbacks in learn.cbs sit out; the others run."""
+    a fit without it. Callbacks in learn.cbs that would take the finder's growing lr for a run sit out: schedules (they
+    would overwrite its lrs) and those with `lr_find_sits_out = True`, which keep a record outside the learner or act
+    on the run (CheckpointCB, EarlyStoppingCB and the other monitors, the loggers and trackers: no checkpoint the next
+    `fit(resume='auto')` would take, no log row). The others run."""
     gamma = _growth('lr_find', gamma, lr_mult, max_mult)
     check_number('lr_find: start_lr', start_lr, gt=0, finite=True)
     check_int('lr_find: max_epochs', max_epochs, 1)
@@ -155,8 +158,8 @@ def lr_find(learn, gamma: float = _GAMMA, max_mult: float = 3, start_lr: float =
     finder = LRFinderCB(gamma, max_mult)
     saved = Snapshot(learn)
     try:
-        scheds = [cb for cb in learn.cbs if isinstance(cb, BaseSchedCB)]
-        if scheds: learn.rm_cbs(scheds)  # they would overwrite the finder's lrs
+        out = [cb for cb in learn.cbs if isinstance(cb, BaseSchedCB) or getattr(cb, 'lr_find_sits_out', False)]
+        if out: learn.rm_cbs(out)  # Snapshot.restore puts them back
         learn.fit(max_epochs, valid=False, cbs=[finder], lr=start_lr)
     finally:
         saved.restore()

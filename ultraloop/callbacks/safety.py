@@ -25,6 +25,7 @@ class MonitorCB(Callback):
     or 'train_'); `mode` 'min' means lower is better, 'max' higher; a value improves on `best` when it beats it by more
     than `min_delta` (NaN never does). Each row reaches `log_metrics` as its phase ends; a subclass reacts in
     `on_value(learn, value, improved)`, called after `best` has taken an improved value. `monitor=None` watches nothing."""
+    lr_find_sits_out = True  # lr_find has no valid phase and its growing lr is no run to stop, save or report
 
     def __init__(self, monitor: str | None = 'valid_loss', mode: str = 'min', min_delta: float = 0.0):
         if monitor is not None and (not isinstance(monitor, str) or monitor.split('_', 1)[0] not in _PHASES
