@@ -1,12 +1,12 @@
-"""What DistributedCB's agreement on a stop (SIGTERM, SIGUSR1, ctrl-C reaching any process) costs per training batch.
+"""What the agreement on a stop (SIGTERM, SIGUSR1, ctrl-C reaching any process) costs per training batch.
 
-Under several processes every process must stop at the same batch, so DistributedCB agrees on it every
+Under several processes every process must stop at the same batch, so DistributedCB (and AccelerateCB) agrees on it every
 `signal_every` train batches, at each train phase's last batch and at each validation phase's end: one all_reduce of
 one int32 and one read of it (on a GPU that read waits for the device). The script starts itself under torchrun on
 127.0.0.1 (CPU, gloo, 2 processes of 1 thread) and, in each, fits `Learner + TrainCB + DistributedCB` (train phases
 only) on an in-memory MLP task while counting, for the whole fit: the all_reduces called from Python other than DDP's
 gradient ones (so the agreements alone), the host reads of a tensor (`Tensor.item`), and DDP's gradient all-reduces (a
-communication hook) for comparison. Then it times the agreement itself (`_agree`, 2,000 calls between barriers) and the
+communication hook) for comparison. Then it times the agreement itself (`StopVote.vote`, 2,000 calls between barriers) and the
 fit's batches, and rank 0 prints one JSON line per `signal_every`: the counts per batch, microseconds per agreement and
 per batch, and the share of a batch's time the agreement takes. Counts, not timings, carry the claim: at most one tiny
 collective and one read per `signal_every` batches.
@@ -84,10 +84,10 @@ def worker(args) -> None:
         fit_s = time.perf_counter() - t
         n = counts.n
         # the agreement alone
-        dcb._vote, learn.stop_signal = torch.zeros(1, dtype=torch.int32), None
+        vote, learn.stop_signal = U.callbacks.distributed.StopVote(learn, every, torch.device('cpu')), None
         dist.barrier()
         t = time.perf_counter()
-        for _ in range(2000): dcb._agree(learn)
+        for _ in range(2000): vote.vote(learn)
         dist.barrier()
         agree_us = (time.perf_counter() - t) / 2000 * 1e6
         if int(os.environ['RANK']) == 0:

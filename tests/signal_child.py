@@ -4,7 +4,8 @@
 waiting at a known batch until the test's SIGTERM arrives, and writes what it saw to OUT/single.json; then (3) a fit that
 gets SIGUSR1 and then SIGTERM, which must end the process at once, by the signal.
 `torchrun ... signal_child.py OUT dist`: an uninterrupted run; then one whose rank 1 waits at a known batch for the test's
-SIGTERM, which must stop every rank at one batch; then new learners resume it. Each rank writes OUT/dist-rank<r>.json.
+SIGTERM, which must stop every rank at one batch; then new learners resume it; then the same three runs with
+AccelerateCB in place of TrainCB and DistributedCB. Each rank writes OUT/dist-rank<r>.json.
 Waiting points are announced by OUT/wait-<name> files holding the pid; the test polls for them."""
 import contextlib
 import io
@@ -20,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ultraloop import (Callback, CheckpointCB, DataLoaders, DistributedCB, Learner, MetricsCB, Preempted, TrainCB,
-                       TrainLearner)
+from ultraloop import (AccelerateCB, Callback, CheckpointCB, DataLoaders, DistributedCB, Learner, MetricsCB, Preempted,
+                       TrainCB, TrainLearner)
 
 CLI_ARGS = ['fit', '--model', 'mlp', '--epochs', '2', '--threads', '1', '--every-batches', '10']  # 23 train batches an epoch
 PY_WAIT, TWICE_WAIT, DIST_WAIT = 7, 5, 7  # the train batch (counted from 1 over the fit) each run waits at
@@ -108,35 +109,37 @@ def single(out: Path) -> None:
     raise SystemExit('the second signal did not end the process')
 
 
-def dist_learner(folder: Path, *cbs) -> Learner:
-    """Two processes of bs 4 on 100 samples: 13 train batches each an epoch."""
+def dist_learner(folder: Path, *cbs, accelerate: bool = False) -> Learner:
+    """Two processes of bs 4 on 100 samples: 13 train batches each an epoch; with `accelerate`, AccelerateCB runs
+    the processes."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(160, 8, generator=g, dtype=torch.float64)
     y = (x @ torch.randn(8, 3, generator=g, dtype=torch.float64)).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
-    dcb = DistributedCB()
-    dcb.signal_every = DIST_EVERY
+    steps = [AccelerateCB(mixed_precision='no', cpu=True)] if accelerate else [TrainCB(), DistributedCB()]
+    steps[-1].signal_every = DIST_EVERY
     return Learner(model, DataLoaders.from_tensors(x[:100], y[:100], x[100:], y[100:], bs=4, seed=1), F.cross_entropy,
-                   lr=0.05, cbs=[TrainCB(), MetricsCB(), dcb, CheckpointCB(folder, every_batches=4, keep=20), *cbs],
+                   lr=0.05, cbs=[*steps, MetricsCB(), CheckpointCB(folder, every_batches=4, keep=20), *cbs],
                    opt_func=partial(torch.optim.SGD, momentum=0.9))
 
 
 def flat(learn) -> list[float]: return torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
 
 
-def dist(out: Path, rank: int) -> dict:
+def dist(out: Path, rank: int, accelerate: bool = False) -> dict:
     """The uninterrupted run; the run rank 1's SIGTERM stops; and a new learner resuming it (from the file alone)."""
-    learn = dist_learner(out / 'ref')
+    name = 'acc' if accelerate else 'dist'
+    learn = dist_learner(out / f'{name}-ref', accelerate=accelerate)
     learn.fit(2)
     res = {'ref': {'params': flat(learn), 'history': learn.metrics.history}}
-    learn = dist_learner(out / 'ck', WaitForSignal(out, 'dist', DIST_WAIT, rank=1))
+    learn = dist_learner(out / f'{name}-ck', WaitForSignal(out, name, DIST_WAIT, rank=1), accelerate=accelerate)
     with captured() as (o, e):
         try: learn.fit(2, resume='auto')
         except Preempted as exc: res['stop'] = {'code': exc.code, 'signal': exc.signal.name, 'at': [learn.epoch, learn.iter],
                                                 'checkpoint': exc.checkpoint.name, 'err': e.getvalue()}
-    res['files'] = sorted(os.listdir(out / 'ck')) if rank == 0 else None  # before the resume adds its own
-    learn = dist_learner(out / 'ck')
+    res['files'] = sorted(os.listdir(out / f'{name}-ck')) if rank == 0 else None  # before the resume adds its own
+    learn = dist_learner(out / f'{name}-ck', accelerate=accelerate)
     with captured(): learn.fit(2, resume='auto')
     res['resumed'] = {'params': flat(learn), 'history': learn.metrics.history}
     return res
@@ -148,4 +151,5 @@ if __name__ == '__main__':
     if len(sys.argv) == 2: single(out)
     else:
         rank = int(os.environ['RANK'])
-        (out / f'dist-rank{rank}.json').write_text(json.dumps(dist(out, rank)))
+        res = {'dist': dist(out, rank), 'acc': dist(out, rank, accelerate=True)}
+        (out / f'dist-rank{rank}.json').write_text(json.dumps(res))

@@ -37,7 +37,7 @@ DEFAULTS = {'SIGINT': 'default_int_handler', 'SIGTERM': 'SIG_DFL', 'SIGUSR1': 'S
 class Signaller(threading.Thread):
     """Sends each run its signal when it announces (OUT/wait-<name>) that it waits at its batch; notes the times."""
     PLAN = {'cli': signal.SIGTERM, 'py': signal.SIGTERM, 'twice': signal.SIGUSR1, 'twice-SIGUSR1': signal.SIGTERM,
-            'dist': signal.SIGTERM}
+            'dist': signal.SIGTERM, 'acc': signal.SIGTERM}
 
     def __init__(self, folders):
         super().__init__(daemon=True)
@@ -159,15 +159,17 @@ def test_a_second_signal_ends_the_process_at_once(runs):
     assert sorted(os.listdir(runs.dir / 'twice')) == ['checkpoint-000000-epoch0-train4.pt']  # none at the stop
 
 
-def test_sigterm_to_one_rank_stops_both_at_one_batch_with_one_checkpoint_and_new_ranks_resume_exactly(runs):
+@pytest.mark.parametrize('launcher', ['dist', 'acc'])
+def test_sigterm_to_one_rank_stops_both_at_one_batch_with_one_checkpoint_and_new_ranks_resume_exactly(runs, launcher):
+    """Under DistributedCB, and under AccelerateCB (the same runs with accelerate's process group and DDP)."""
     if not runs.distributed: pytest.skip('torch.distributed with gloo is not available')
-    ranks = runs.load()
+    ranks = [r[launcher] for r in runs.load()]
     for r in ranks:
         # rank 1 got it after train batch 7; the next agreement (every 5 batches) stops both after batch 10
         assert (r['stop']['code'], r['stop']['signal'], r['stop']['at']) == (75, 'SIGTERM', [0, 9])
         assert r['stop']['checkpoint'] == 'checkpoint-000002-epoch0-train10.pt'
         assert r['resumed']['params'] == r['ref']['params'] and r['resumed']['history'] == r['ref']['history']  # bitwise
-    newest = runs.two / 'ck' / 'checkpoint-000002-epoch0-train10.pt'
+    newest = runs.two / f'{launcher}-ck' / 'checkpoint-000002-epoch0-train10.pt'
     assert ranks[0]['stop']['err'] == f'ultraloop: fit stopped by SIGTERM after epoch 0 train batch 9; checkpoint: {newest}\n'
     assert ranks[1]['stop']['err'] == ''  # only the main process prints
     assert ranks[0]['files'] == ['checkpoint-000000-epoch0-train4.pt', 'checkpoint-000001-epoch0-train8.pt', newest.name]

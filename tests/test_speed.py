@@ -3,6 +3,7 @@ import contextlib
 import copy
 import pickle
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -381,6 +382,26 @@ def test_accelerate_without_mixed_precision_trains_like_train_cb(fresh_accelerat
     opt, model = learn.opt, learn.model
     learn.fit(1)  # a second fit reuses what was prepared instead of wrapping it again
     assert learn.opt is opt and learn.model is model and type(opt).__name__ == 'AcceleratedOptimizer'
+
+
+def test_accelerate_run_resumes_from_its_checkpoint_exactly(fresh_accelerate, tmp_path):
+    """A checkpoint taken under AccelerateCB (its optimiser wrapped in AcceleratedOptimizer) resumes into a new learner
+    with a new AccelerateCB and ends as the uninterrupted run; the state names the optimiser inside the wrapper."""
+    from ultraloop import AccelerateCB, CheckpointCB
+
+    def learner(folder, every=None):
+        dls = DataLoaders.from_tensors(*toy_data(72, 40), bs=16, shuffle=True, seed=0)
+        return Learner(toy_model(), dls, F.cross_entropy, lr=0.1, opt_func=partial(torch.optim.SGD, momentum=0.9),
+                       cbs=[AccelerateCB(mixed_precision='no', cpu=True), CheckpointCB(folder, every_batches=every)])
+
+    whole = learner(tmp_path / 'whole')
+    whole.fit(3)
+    first = learner(tmp_path / 'ck', every=3)
+    first.fit(1)  # 5 train batches: checkpoints after batch 3 and at the epoch's end
+    assert torch.load(first.last_checkpoint, weights_only=False)['settings']['opt'] == 'SGD'
+    again = learner(tmp_path / 'ck', every=3)
+    again.fit(3, resume='auto')
+    assert_same([p.detach().clone() for p in again.model.parameters()], [p.detach().clone() for p in whole.model.parameters()])
 
 
 def test_accelerate_bf16_autocasts_the_forward_on_the_cpu(fresh_accelerate):

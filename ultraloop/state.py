@@ -229,7 +229,7 @@ def learner_state(learn) -> dict:
     main process, which gets it under `ranks` (one entry per rank; the top-level entries are its own); an FSDP model's
     weights and optimiser are gathered whole to the main process, keyed as a plain model's, so the state loads in any
     number of processes."""
-    model, opt, fsdp = learn.model, learn.opt, _fsdp(learn.model)
+    model, opt, fsdp = _own(learn.model), learn.opt, _fsdp(learn.model)
     weights, opt_state = _fsdp_full_state(model, opt) if fsdp else (model.state_dict(), _opt_state(opt))
     sd = {
         'format': FORMAT, 'version': VERSION, 'position': position(learn),
@@ -344,6 +344,20 @@ def own_parts(sd: dict, rank: int, world_size: int) -> dict:
     return {**sd, **{k: mine[k] for k in _PER_RANK}, 'position': {**sd['position'], 'phase_start': mine['phase_start']}}
 
 
+def _own(model):
+    """The user's module inside a DDP wrapper (`learn.model` under AccelerateCB in several processes), whose names a
+    state holds, so it loads into the model wrapped or not and into any number of processes."""
+    ddp = sys.modules.get('torch.nn.parallel.distributed')
+    return model.module if ddp is not None and isinstance(model, ddp.DistributedDataParallel) else model
+
+
+def _opt_name(opt) -> str:
+    """The optimiser's class name, the one inside accelerate's AcceleratedOptimizer wrapper where it is wrapped (a run
+    resumes with or without the wrapper)."""
+    inner = getattr(opt, 'optimizer', None)
+    return type(inner if isinstance(inner, torch.optim.Optimizer) else opt).__name__
+
+
 def _fsdp(model) -> bool:
     fsdp = sys.modules.get('torch.distributed.fsdp')  # imported by whoever sharded the model
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
@@ -413,7 +427,7 @@ def settings(learn) -> dict:
     hyper-parameters (the state holds both): the optimiser's class, the fit's lr and n_epochs, each loader's batch size
     (global: per process times processes), dataset size and length, and each stateful callback's `resume_settings()`."""
     opt, world = learn.opt, learn.world_size
-    return {'opt': None if opt is None else type(opt).__name__, 'lr': learn.__dict__.get('_fit_lr'),
+    return {'opt': None if opt is None else _opt_name(opt), 'lr': learn.__dict__.get('_fit_lr'),
             'n_epochs': learn.__dict__.get('n_epochs'), 'world_size': world,
             'loaders': {nm: _loader_settings(_phase_loader(learn, nm), world) for nm in ('train', 'valid')},
             'callbacks': [_cb_settings(cb) for cb in _stateful_cbs(learn)]}
@@ -485,7 +499,7 @@ def check_model(learn, sd, what: str) -> None:
     """The saved weights' names, shapes and dtypes are this model's: checked before any is loaded (torch's own
     load_state_dict copies the matching ones before it reports a size mismatch)."""
     if _fsdp(learn.model): return  # its shards are checked by set_model_state_dict, whole
-    saved, here = sd['model'], learn.model.state_dict()
+    saved, here = sd['model'], _own(learn.model).state_dict()
     fix = 'build the model as the run did, or train this one as a new run'
     for k, v in saved.items():
         if k not in here: raise ValueError(f'{what} holds another model: its {k} {_desc(v)} is not in this model; {fix}')
@@ -505,7 +519,7 @@ def _check_opt(sd, what: str, opt) -> None:
     if opt is None:
         raise ValueError(f'{what} holds an optimiser state but learn.opt is None: pass an opt_func to the Learner')
     name = (sd.get('settings') or {}).get('opt')
-    if name is not None and name != type(opt).__name__: raise _changed(what, 'the optimiser', name, type(opt).__name__)
+    if name is not None and name != _opt_name(opt): raise _changed(what, 'the optimiser', name, _opt_name(opt))
     groups = saved.get('param_groups', [])
     if not groups: return  # (an FSDP state of a process that holds none)
     if len(groups) != len(opt.param_groups):
@@ -522,7 +536,7 @@ def _check_opt(sd, what: str, opt) -> None:
 
 def load_model_and_opt(learn, sd: dict, create_opt=None) -> None:
     """Weights, gradients and optimiser, onto the model's devices."""
-    model = learn.model
+    model = _own(learn.model)
     if _fsdp(model):
         if sd['opt'] is not None and learn.opt is None and create_opt is not None: create_opt()
         _load_fsdp(model, learn.opt, sd['model'], sd['opt'])
@@ -553,7 +567,7 @@ def load_weights(learn, sd: dict, what: str = 'the state') -> None:
     check_format(sd, what)
     check_model(learn, sd, what)
     if _fsdp(learn.model): _load_fsdp(learn.model, None, sd['model'], None)
-    else: learn.model.load_state_dict(sd['model'])
+    else: _own(learn.model).load_state_dict(sd['model'])
 
 
 def load_callbacks(learn, sd: dict) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from ..data import to_device
 from .core import TrainCB
-from .distributed import Shards
+from .distributed import DistributedCB, Shards, StopVote
 
 __all__ = ['AccelerateCB']
 
@@ -29,7 +29,9 @@ class AccelerateCB(TrainCB):
     MetricsCB's numbers are exact over all processes: both phases get even shards (the DDP wrapper runs every forward,
     and its first one in a phase may sync buffers), and the repeated samples are not counted. In one process or several,
     batches are moved to `self.acc.device` (the GPU where there is one) before the step; `learn.sync_grads` reaches DDP
-    before each forward (one all-reduce per accumulated step)."""
+    before each forward (one all-reduce per accumulated step). A SIGTERM, SIGUSR1 or ctrl-C reaching any process stops
+    every process at the same batch, agreed on every `signal_every` train batches as under DistributedCB."""
+    signal_every = DistributedCB.signal_every
 
     def __init__(self, n_inp: int = 1, mixed_precision: str = 'fp16', **accelerator_kwargs):
         if isinstance(n_inp, str):
@@ -43,7 +45,7 @@ class AccelerateCB(TrainCB):
         except ImportError: raise ImportError('AccelerateCB needs the accelerate package: pip install accelerate') from None
         self.acc = Accelerator(mixed_precision=mixed_precision, **accelerator_kwargs)
         self._prepared: list = []  # what prepare() returned, so a second fit does not wrap it again
-        self._shards, self._several = None, False
+        self._shards, self._several, self._vote = None, False, None
 
     def before_fit(self, learn):
         dls = learn.dls
@@ -54,6 +56,7 @@ class AccelerateCB(TrainCB):
         if self._several:
             self._shards = Shards(even_valid=True)
             self._shards.start(learn)
+            self._vote = StopVote(learn, self.signal_every, self.acc.device)
         if not todo: return
         out = self.acc.prepare(*(getattr(o, nm) for o, nm in todo))
         if any(o is dls for o, _ in todo): learn.dls = copy.copy(dls)  # the user's DataLoaders keep their own loaders
@@ -66,15 +69,22 @@ class AccelerateCB(TrainCB):
         # other loaders (a TensorLoader, or each process's share) do not
         self._move = self.acc.device.type != 'cpu'
         self._ddp = self._several and isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
-        if self._several: self._shards.before_epoch(learn)
+        if self._several: self._shards.before_epoch(learn); self._vote.before_epoch(learn)
 
     def before_batch(self, learn):
         if self._move: learn.batch = to_device(learn.batch, self.acc.device, non_blocking=True)
         if self._ddp and learn.training: learn.model.require_backward_grad_sync = learn.sync_grads
 
+    def after_batch(self, learn):
+        if self._vote is not None: self._vote.after_batch(learn)
+
+    def after_epoch(self, learn):
+        if self._vote is not None: self._vote.after_epoch(learn)
+
     def cleanup_fit(self, learn):
         if self._shards is not None: self._shards.end(learn)
-        self._shards = None
+        if self._vote is not None: learn.hold_signals = False
+        self._shards = self._vote = None
 
     def backward(self, learn): self.acc.backward(learn.loss)
 

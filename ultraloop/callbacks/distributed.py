@@ -140,7 +140,7 @@ class DistributedCB(Callback):
         self._shards.start(learn)
         if self.strategy == 'ddp': self._wrap_ddp(m)
         else: self._shard_fsdp(learn, m)
-        self._hold_signals(learn)
+        self._vote = StopVote(learn, self.signal_every, self.device)
 
     def _wrap_ddp(self, m: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -180,7 +180,7 @@ class DistributedCB(Callback):
     def before_epoch(self, learn):
         if not self._on: return
         self._shards.before_epoch(learn)
-        if learn.training: self._n_train = len(learn.dl) if hasattr(learn.dl, '__len__') else None
+        self._vote.before_epoch(learn)
         if self.strategy == 'ddp':
             self.wrapper.train(learn.training)
             self._route(learn.training)  # validation runs the module plainly: no collective, so uneven shards are safe
@@ -219,26 +219,8 @@ class DistributedCB(Callback):
             else: self.wrapper.set_requires_gradient_sync(s)
             self._sync = s
 
-    # ---- signals: every process stops at the same batch ---------------------------------------------------------
-    def _hold_signals(self, learn) -> None:
-        learn.hold_signals = True  # fit's handler only records a signal; _agree turns it into a stop
-        learn.stop_requested = False  # a signal that came before the group existed is agreed on like any other
-        self._vote, self._n_train = torch.zeros(1, dtype=torch.int32, device=self.device), None
-
-    def _agree(self, learn) -> None:
-        """Stop every process at this batch if a signal reached any (a collective: every process calls it at the same
-        batch). The largest signal number wins, so SIGTERM (15) over SIGUSR1 (10) over ctrl-C (2)."""
-        v = self._vote
-        v.fill_(int(learn.stop_signal or 0))
-        dist.all_reduce(v, op=dist.ReduceOp.MAX)
-        if sig := int(v.item()):  # on a GPU, a wait for the device once per signal_every batches
-            learn.stop_signal, learn.stop_requested = signal.Signals(sig), True
-
     def after_batch(self, learn):
-        # train batches only: every process has as many (validation shards may differ by one batch)
-        if not (self._on and learn.training): return
-        i = learn.iter + 1
-        if i % self.signal_every == 0 or i == self._n_train: self._agree(learn)
+        if self._on: self._vote.after_batch(learn)
 
     def after_backward(self, learn):
         # reached only when the step will be taken: a backward that skipped the reduction (the last window of a loader
@@ -252,13 +234,12 @@ class DistributedCB(Callback):
         torch._foreach_div_(grads, dist.get_world_size())
 
     def after_epoch(self, learn):
-        # at each validation phase's end, which every process reaches (before MetricsCB's and early stopping's work): a
-        # signal in validation stops the next batch, or, in the last, the fit on every process, not only its own
-        if self._on and not learn.training: self._agree(learn)
+        if self._on: self._vote.after_epoch(learn)
 
     # ---- end: no collective here (cleanup also runs after a failure, when the other ranks may be gone) -------------
     def cleanup_fit(self, learn):
         learn.hold_signals = False
+        self._vote = None
         if self._on and self.strategy == 'ddp':
             if self._routed: self._unroute()
             self.wrapper = self._inner = None
@@ -269,6 +250,41 @@ class DistributedCB(Callback):
         self._on = self._made_group = False
 
     def __repr__(self) -> str: return f'{self.name}({self.strategy!r})'
+
+
+class StopVote:
+    """A stop every process agrees on, for a callback that runs a fit in several processes (DistributedCB,
+    AccelerateCB): made at fit start under a process group, it sets `learn.hold_signals`, so fit's signal handler only
+    records a signal, and turns a signal that reached any process into `learn.stop_requested` on every process at the
+    same batch. The processes vote every `every` train batches, at each train phase's last batch (`after_batch`: every
+    process has as many train batches; validation shards may differ by one) and at each validation phase's end
+    (`after_epoch`, before MetricsCB's and early stopping's work: a signal in the last one stops the fit on every
+    process). A vote is one all_reduce of one number and, on a GPU, one read of it. The largest signal number wins, so
+    SIGTERM (15) over SIGUSR1 (10) over ctrl-C (2). The callback's cleanup_fit sets `learn.hold_signals` back."""
+
+    def __init__(self, learn, every: int, device: torch.device):
+        learn.hold_signals = True
+        learn.stop_requested = False  # a signal that came before the group existed is voted on like any other
+        self.every, self._v, self._n_train = every, torch.zeros(1, dtype=torch.int32, device=device), None
+
+    def before_epoch(self, learn) -> None:
+        if learn.training: self._n_train = len(learn.dl) if hasattr(learn.dl, '__len__') else None
+
+    def after_batch(self, learn) -> None:
+        if not learn.training: return
+        i = learn.iter + 1
+        if i % self.every == 0 or i == self._n_train: self.vote(learn)
+
+    def after_epoch(self, learn) -> None:
+        if not learn.training: self.vote(learn)
+
+    def vote(self, learn) -> None:
+        """Stop every process at this batch if a signal reached any (a collective: every process calls it here)."""
+        v = self._v
+        v.fill_(int(learn.stop_signal or 0))
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+        if sig := int(v.item()):  # on a GPU, a wait for the device once per `every` batches
+            learn.stop_signal, learn.stop_requested = signal.Signals(sig), True
 
 
 class Shards:
