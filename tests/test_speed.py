@@ -3,6 +3,7 @@ import contextlib
 import copy
 import pickle
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -166,6 +167,7 @@ class FakeGraphs:
         finally: self.capturing = False
         self.captures += 1
         preds, loss, groups = learn.preds, learn.loss, [dict(g) for g in opt.param_groups]
+        self.recorded = groups  # the param groups as the recorded step read them
         m.load_state_dict(saved[0])
         for p, gr in zip(m.parameters(), saved[1]): p.grad = gr
         for p in list(opt.state):  # in place: the optimiser's state tensors stay where the recorded step writes
@@ -289,8 +291,11 @@ def adam_on_the_cpu_as_on_a_gpu(monkeypatch):
                         lambda supports_xla=True: ['cuda', 'cpu'])
 
 
-@pytest.mark.parametrize('opt_func', [torch.optim.Adam, torch.optim.AdamW])
-def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and_beta1_from_tensors(opt_func, monkeypatch):
+@pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None),
+                                                      (partial(torch.optim.AdamW, foreach=True), None),
+                                                      (partial(torch.optim.Adam, foreach=True), False)])
+def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and_beta1_from_tensors(opt_func, cycle_momentum,
+                                                                                                     monkeypatch):
     adam_on_the_cpu_as_on_a_gpu(monkeypatch)
     dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
     rec = lambda: RecorderCB(lr=lambda cb: cb.pg['lr'], mom=lambda cb: cb.pg['betas'][0])
@@ -298,17 +303,24 @@ def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and
     learn.fit_one_cycle(1, 0.01)  # an eager fit first: its state (step counts on the CPU) goes on under the graph
     ref.fit_one_cycle(1, 0.01)
     fake, cb, seen, ref_seen = with_fake_graphs(monkeypatch, learn), CudaGraphCB(), rec(), rec()
-    sched = learn.fit_one_cycle(2, 0.01, cbs=[cb, seen])
-    ref_sched = ref.fit_one_cycle(2, 0.01, cbs=[ref_seen])
+    sched = learn.fit_one_cycle(2, 0.01, cbs=[cb, seen], cycle_momentum=cycle_momentum)
+    ref_sched = ref.fit_one_cycle(2, 0.01, cbs=[ref_seen], cycle_momentum=cycle_momentum)
     # 12 full train batches an epoch: 3 warm-up, then one capture replayed for the other 21, reading lr and betas[0]
     # from the tensors the schedule's values are written into (a fake replay reads the groups as they were at capture)
     assert (cb.reason, cb.replays, fake.captures) == (None, 21, 1)
-    assert sched.lrs == ref_sched.lrs and seen.recs == ref_seen.recs and len(set(seen.recs['mom'])) > 10
+    assert sched.lrs == ref_sched.lrs and seen.recs == ref_seen.recs
+    moms = set(seen.recs['mom'])
+    assert (len(moms) == 1) if cycle_momentum is False else (len(moms) > 20)  # betas[0] cycled every step, or not at all
+    rec = fake.recorded[0]  # beta1 from a tensor needs the one-tensor-at-a-time step (foreach's reads it with .item())
+    assert (type(rec['lr']), type(rec['betas'][0]), type(rec['betas'][1]), rec['capturable'], rec['foreach']) == (
+        (torch.Tensor, float, float, True, True) if cycle_momentum is False else
+        (torch.Tensor, torch.Tensor, float, True, False))
     # float rounding: the step reads float32 tensors and runs torch's capturable code (a beta1 left as captured: 1e-2)
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
                 rtol=1e-5, atol=5e-6)
     g = learn.opt.param_groups[0]  # the user's optimiser as it was: floats, not capturable
-    assert (type(g['lr']), type(g['betas'][0]), g['capturable'], g['foreach']) == (float, float, False, None)
+    assert (type(g['lr']), type(g['betas'][0]), g['capturable'], g['foreach']) == (float, float, False,
+                                                                                   ref.opt.param_groups[0]['foreach'])
     learn.fit(1)
     ref.fit(1)
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
@@ -354,6 +366,28 @@ def test_cuda_graph_equals_the_eager_step_on_a_gpu(learner):
     _, ref = fit_params([DeviceCB('cuda')], data=data, learner=learner, epochs=2)
     assert cb.reason is None and cb.replays == (12 - 3) + 12  # epoch 1 warms up on 3 batches first
     assert_same(ps, ref, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None), (torch.optim.AdamW, None),
+                                                      (torch.optim.Adam, False)])
+def test_fit_one_cycle_with_adam_replays_one_cuda_graph_and_equals_eager_on_a_gpu(opt_func, cycle_momentum):
+    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=opt_func, cbs=[DeviceCB('cuda')])
+                  for _ in range(2))
+    learn.fit_one_cycle(1, 0.01)  # an eager fit first: its state (step counts on the CPU) goes on under the graph
+    ref.fit_one_cycle(1, 0.01)
+    cb = CudaGraphCB()
+    sched = learn.fit_one_cycle(2, 0.01, cbs=[cb], cycle_momentum=cycle_momentum)
+    ref_sched = ref.fit_one_cycle(2, 0.01, cycle_momentum=cycle_momentum)
+    # 12 full train batches an epoch: 3 warm-up, one capture replayed for the other 21 (lr and beta1 read on the device)
+    assert (cb.reason, cb.replays, cb.captures) == (None, 2 * 12 - 3, 1)
+    assert sched.lrs == ref_sched.lrs
+    assert_same([p.detach().cpu() for p in learn.model.parameters()], [p.detach().cpu() for p in ref.model.parameters()],
+                rtol=1e-5, atol=1e-5)  # float rounding (a beta1 left as captured differs by 1e-2)
+    g = learn.opt.param_groups[0]  # the user's optimiser as it was
+    assert (type(g['lr']), type(g['betas'][0]), g['capturable']) == (float, float, False)
+    assert {st['step'].device.type for st in learn.opt.state.values()} == {'cpu'}
 
 
 @cuda

@@ -291,6 +291,8 @@ def _make_capturable(opt) -> list:
     """Adam and the other optimisers with `capturable` run it for the fit (a capture needs their step count on the
     device; their step reads a tensor lr then). Returns the groups switched, to be switched back at fit end."""
     switched = [g for g in opt.param_groups if g.get('capturable') is False]
+    # torch warns once when a capturable step runs without a capture: the eager warm-up steps do, on purpose
+    if switched: opt._warned_capturable_if_run_uncaptured = True
     for g in switched:
         g['capturable'] = True
         _move_steps(opt, g, None)  # state from an earlier eager fit: its step counts move to the parameters' device
