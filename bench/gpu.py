@@ -201,6 +201,28 @@ def onecycle_vs_constant(data, bs: int, dev: torch.device, epochs: int, rounds: 
     return {**out, **rec, 'goal': 'onecycle_ratio <= 1.05'}
 
 
+def probe_foreach_beta1(dev: torch.device) -> dict:
+    """Whether torch's multi-tensor (foreach) capturable Adam can be captured with a tensor beta1. CudaGraphCB assumes
+    not (its `_foreach_lerp_` and `_foreach_pow` take beta1 as a Python number, `.item()`: a host sync) and captures
+    such groups with foreach=False; if this says 'captured', that detour costs time for nothing. Run it last in its
+    process: a failed capture leaves CUDA state behind."""
+    rec = {'probe': 'foreach_adam_tensor_beta1_capture'}
+    if dev.type != 'cuda': return {**rec, 'skipped': 'needs CUDA'}
+    ps = [torch.zeros(64, device=dev, requires_grad=True) for _ in range(3)]
+    for p in ps: p.grad = torch.ones_like(p)
+    opt = torch.optim.Adam(ps, lr=1e-3, foreach=True, capturable=True)
+    opt.param_groups[0]['betas'] = (torch.tensor(0.9, device=dev), 0.999)
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s): opt.step()  # state created outside the capture, as CudaGraphCB's warm-up does
+    torch.cuda.current_stream(dev).wait_stream(s)
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()): opt.step()
+        return {**rec, 'result': 'captured'}
+    except Exception as e:
+        return {**rec, 'result': f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}'}
+
+
 def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int = 30) -> None:
     """torch.profiler over `steps` steady-state train steps of each side of `case` (hand or floor, then ultraloop), on a
     slice of the data: a table of host time per operator, one of device time, and a Chrome trace of each side."""
@@ -273,6 +295,7 @@ def main(argv=None):
     p.add_argument('--profile', default=None, help='folder: profile a few steps of ultraloop, cudagraph (bs 64 first)')
     p.add_argument('--profile-cases', default='ultraloop_host,ultraloop_host_sync,ultraloop')  # cudagraph: see README
     p.add_argument('--profile-bs', type=int, default=64)
+    p.add_argument('--probe', action='store_true', help="only: can torch's foreach Adam capture a tensor beta1?")
     a = p.parse_args(argv)
     if a.quick: a.n, a.epochs = 1280, 1
     dev = torch.device(a.device)
@@ -281,6 +304,7 @@ def main(argv=None):
     stamp = {'device': gpu, 'torch': torch.__version__, 'date': date.today().isoformat()}
 
     def emit(rec): print(json.dumps({**rec, **stamp}), flush=True)
+    if a.probe: return emit(probe_foreach_beta1(dev))
     data = make_data(a.n, a.n // 5)
     peers = None if a.peers == 'none' else find_peers(a.peers)
     for bs in map(int, a.bs.split(',')):

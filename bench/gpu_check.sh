@@ -32,7 +32,8 @@ for stage in $stages; do
     onecycle)  # one graph for a whole fit_one_cycle: the tests (GPU, and the CPU stand-ins), then Adam's timing
       stamp "fit_one_cycle under CudaGraphCB"
       timeout "${T_ONECYCLE:-240}" "$py" -m pytest -q -p no:cacheprovider -rs -k 'one_cycle and (cuda or gpu)' tests/test_speed.py 2>&1 | tee "$out/onecycle_tests.log" | tail -8
-      timeout "${T_ONECYCLE:-240}" "$py" bench/gpu.py --n "$n" --cases cudagraph_onecycle --peers none 2>&1 | tee "$out/onecycle.jsonl" | grep -v '^USDT' ;;
+      timeout "${T_ONECYCLE:-240}" "$py" bench/gpu.py --n "$n" --cases cudagraph_onecycle --peers none 2>&1 | tee "$out/onecycle.jsonl" | grep -v '^USDT'
+      timeout 60 "$py" bench/gpu.py --probe 2>&1 | tee -a "$out/onecycle.jsonl" | grep -v '^USDT' ;;  # why foreach=False
     dist)
       stamp "bench/distributed.py"
       timeout 180 "$py" bench/distributed.py 2>&1 | tee "$out/distributed.jsonl" | tail -8 ;;

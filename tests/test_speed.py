@@ -231,33 +231,6 @@ def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
                 rtol=1e-6, atol=1e-7)
 
 
-class DeviceLRSGD(torch.optim.Optimizer):
-    """Plain SGD that reads its lr as a tensor when it is one, as a capturable Adam does on a GPU."""
-    def __init__(self, params, lr): super().__init__(params, dict(lr=lr, capturable=False))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g['params']:
-                if p.grad is not None: p.sub_(p.grad * g['lr'])
-
-
-def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_the_lr_on_the_device(monkeypatch, capsys):
-    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
-    learn = TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=DeviceLRSGD)
-    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
-    sched = learn.fit_one_cycle(2, 0.2, cbs=[cb], cycle_momentum=False)
-    ref = TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=DeviceLRSGD)
-    ref_sched = ref.fit_one_cycle(2, 0.2, cycle_momentum=False)
-    # 12 train batches an epoch, all full: 3 warm-up, then one capture replayed for the other 21 (the schedule writes
-    # the lr tensor between replays, so nothing is captured anew)
-    assert (cb.reason, cb.replays, fake.captures) == (None, 21, 1)
-    assert sched.lrs == pytest.approx(ref_sched.lrs, rel=1e-6) and len(sched.lrs) == 24
-    assert all(isinstance(g['lr'], float) for g in learn.opt.param_groups)  # the user's floats are back after fit
-    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
-                rtol=1e-5, atol=1e-6)
-
-
 def test_device_hypers_copy_the_schedules_numbers_into_the_same_tensors():
     from ultraloop.callbacks.speed import _DeviceHypers
     m = toy_model()

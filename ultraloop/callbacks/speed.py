@@ -88,7 +88,8 @@ class CudaGraphCB(Callback):
       cycles it) once it is seen changing during the warm-up. The graph then holds their one-tensor-at-a-time step
       (captured with `foreach=False`: torch's multi-tensor step reads a tensor beta1 with a host sync), more kernels
       per step than the multi-tensor one. betas[1] and weight_decay stay numbers (torch reads them on the host).
-      Other optimisers with `capturable` (NAdam, RAdam, RMSprop, ...): the lr.
+      torch's other optimisers with `capturable` (RMSprop, NAdam, ...) run it too, their numbers captured as they
+      are (some of their paths read a tensor lr on the host).
     - SGD (and any optimiser without `capturable`): the lr and momentum stay numbers, as torch's SGD reads both on the
       host (`if momentum != 0`, `alpha=-lr`); under fit_one_cycle the graph is captured anew after every step. Use
       Adam/AdamW, or a constant lr.
@@ -222,16 +223,16 @@ def _changed(before: dict, now: dict) -> set:
 
 
 def _readable(opt, moving: set) -> list:
-    """The slots the captured step can read from a device tensor: the lr of a capturable optimiser (Adam, AdamW and
-    the others with `capturable`); beta1 of Adam/AdamW when it changes (their one-tensor-at-a-time step reads a tensor
-    beta1 without a host sync; not fused, whose kernel takes it as a number)."""
+    """The slots the captured step can read from a device tensor, for Adam and AdamW (capturable): the lr, and beta1
+    when it changes (their one-tensor-at-a-time step reads a tensor beta1 without a host sync; the fused kernel takes
+    it as a number). torch's other optimisers read a tensor lr on the host in some paths (RMSprop's `value=-lr`)."""
+    if not isinstance(opt, torch.optim.Adam): return []
     slots = []
     for i, g in enumerate(opt.param_groups):
-        if 'capturable' not in g: continue
         if _is_number(g.get('lr')): slots.append((i, 'lr', None))
         b = g.get('betas')
-        if isinstance(opt, torch.optim.Adam) and not g.get('fused') and not g.get('differentiable') and \
-                (i, 'betas', 0) in moving and isinstance(b, tuple) and _is_number(b[0]):
+        if (i, 'betas', 0) in moving and not g.get('fused') and not g.get('differentiable') and isinstance(b, tuple) \
+                and _is_number(b[0]):
             slots.append((i, 'betas', 0))
     return slots
 
@@ -289,7 +290,7 @@ class _DeviceHypers:
 
 def _make_capturable(opt) -> list:
     """Adam and the other optimisers with `capturable` run it for the fit (a capture needs their step count on the
-    device; their step reads a tensor lr then). Returns the groups switched, to be switched back at fit end."""
+    device, and their step reads a tensor lr or beta1 only then). Returns the groups switched, to switch back at fit end."""
     switched = [g for g in opt.param_groups if g.get('capturable') is False]
     # torch warns once when a capturable step runs without a capture: the eager warm-up steps do, on purpose
     if switched: opt._warned_capturable_if_run_uncaptured = True
