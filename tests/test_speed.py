@@ -266,7 +266,8 @@ def adam_on_the_cpu_as_on_a_gpu(monkeypatch):
 
 @pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None),
                                                       (partial(torch.optim.AdamW, foreach=True), None),
-                                                      (partial(torch.optim.Adam, foreach=True), False)])
+                                                      (partial(torch.optim.Adam, foreach=True), False)],
+                         ids=['Adam', 'AdamW-foreach', 'Adam-foreach-lr-only'])
 def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and_beta1_from_tensors(opt_func, cycle_momentum,
                                                                                                      monkeypatch):
     adam_on_the_cpu_as_on_a_gpu(monkeypatch)
@@ -308,10 +309,31 @@ def test_an_sgd_whose_lr_and_momentum_cycle_gives_the_graph_up_naming_them(monke
     learn.fit_one_cycle(1, 0.1, cbs=[cb])
     ref.fit_one_cycle(1, 0.1)
     why = ('lr, momentum change within an epoch, and SGD reads them on the host: a graph keeps the values it was '
-           'captured with (Adam and AdamW read lr and betas[0] from the device and keep one graph)')
+           'captured with (Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
     assert (cb.reason, cb.replays, fake.captures) == (why, 2, 2)  # captured, captured anew, then eager
     assert capsys.readouterr().out == f'CudaGraphCB: {why}; training eagerly from here\n'
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()])
+
+
+def test_a_weight_decay_changed_every_step_under_adam_is_not_left_as_captured(monkeypatch, capsys):
+    adam_on_the_cpu_as_on_a_gpu(monkeypatch)
+
+    class DecaySched(Callback):  # a schedule of weight_decay, which torch's Adam reads as a number
+        cuda_graph_host_after_step = True
+        def after_step(self, learn):
+            for g in learn.opt.param_groups: g['weight_decay'] += 1e-3
+
+    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam) for _ in range(2))
+    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
+    learn.fit(1, cbs=[cb, DecaySched()])
+    ref.fit(1, cbs=[DecaySched()])
+    why = ('weight_decay changes within an epoch, and Adam reads it on the host: a graph keeps the value it was captured '
+           'with (Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
+    assert (cb.reason, cb.replays, fake.captures) == (why, 2, 2)
+    assert capsys.readouterr().out == f'CudaGraphCB: {why}; training eagerly from here\n'
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
+                rtol=1e-5, atol=5e-6)
 
 
 def test_a_failed_capture_runs_that_batch_and_the_rest_eagerly(monkeypatch, capsys):
@@ -343,7 +365,7 @@ def test_cuda_graph_equals_the_eager_step_on_a_gpu(learner):
 
 @cuda
 @pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None), (torch.optim.AdamW, None),
-                                                      (torch.optim.Adam, False)])
+                                                      (torch.optim.Adam, False)], ids=['Adam', 'AdamW', 'Adam-lr-only'])
 def test_fit_one_cycle_with_adam_replays_one_cuda_graph_and_equals_eager_on_a_gpu(opt_func, cycle_momentum):
     dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
     learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=opt_func, cbs=[DeviceCB('cuda')])

@@ -242,7 +242,7 @@ def _baked_reason(opt, changed: set) -> str:
     one = len(names) == 1
     return (f'{", ".join(names)} change{"s" if one else ""} within an epoch, and {type(opt).__name__} reads '
             f'{"it" if one else "them"} on the host: a graph keeps the value{"" if one else "s"} it was captured with '
-            f'(Adam and AdamW read lr and betas[0] from the device and keep one graph)')
+            f'(Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
 
 
 def _get(g: dict, key: str, j):
