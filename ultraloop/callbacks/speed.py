@@ -118,8 +118,9 @@ class CudaGraphCB(Callback):
         self._stream = torch.cuda.Stream()
         self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
                       if getattr(cb, 'cuda_graph_host_after_step', False)]
-        self._switched = _make_capturable(learn.opt)
-        self._seen, self._moving, self._hypers = _numbers(learn.opt), set(), None
+        self._opt = opt = _unwrap(learn.opt)
+        self._switched = _make_capturable(opt)
+        self._seen, self._moving, self._hypers = _numbers(opt), set(), None
 
     def before_epoch(self, learn): self._recaptures = 0
 
@@ -127,18 +128,18 @@ class CudaGraphCB(Callback):
         if self.reason is not None: return self._eager(learn)
         if self._warm < self.warmup:  # eager, on the side stream the graph will be captured on
             self._warm += 1
-            self._moving |= _changed(self._seen, _numbers(learn.opt))
+            self._moving |= _changed(self._seen, _numbers(self._opt))
             learn.preds = learn.loss = None  # the last step's autograd graph, made on another stream, is let go
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream): self._eager(learn)
             return torch.cuda.current_stream().wait_stream(self._stream)
         b = learn.batch
         if self.graph is not None:
-            changed = _changed(self._baked, _numbers(learn.opt))
+            changed = _changed(self._baked, _numbers(self._opt))
             if changed:
                 self._recaptures += 1
                 if self._recaptures > 1:
-                    self._give_up(_baked_reason(learn.opt, changed))
+                    self._give_up(_baked_reason(self._opt, changed))
                     return self._eager(learn)
                 self._moving |= changed
                 self.graph = None
@@ -155,13 +156,13 @@ class CudaGraphCB(Callback):
 
     def cleanup_fit(self, learn):
         self.graph = self._static = self._preds = self._loss = self._hypers = None  # frees the graph's memory
-        if self._switched is not None: _restore_flags(learn.opt, self._switched)  # the user's optimiser as it was
-        self._switched = None
+        if self._switched is not None: _restore_flags(self._opt, self._switched)  # the user's optimiser as it was
+        self._switched = self._opt = None
 
     def _capture(self, learn, b) -> bool:
         if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
-        opt = learn.opt
+        opt = self._opt
         self._moving |= _changed(self._seen, _numbers(opt))
         self._hypers = _DeviceHypers(opt, _readable(opt, self._moving), next(learn.model.parameters()).device)
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
@@ -201,6 +202,12 @@ def _end_rng_capture(device) -> None:
 
 
 # ---- hyper-parameters on the device -----------------------------------------------------------------------------------
+def _unwrap(opt):
+    """The torch optimiser inside a wrapper (accelerate's AcceleratedOptimizer holds it as `.optimizer`)."""
+    while isinstance(getattr(opt, 'optimizer', None), torch.optim.Optimizer): opt = opt.optimizer
+    return opt
+
+
 # A slot names one number of a param group: (group index, key, index in a tuple such as betas, or None).
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
