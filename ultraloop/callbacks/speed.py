@@ -85,15 +85,17 @@ class CudaGraphCB(Callback):
     before each replay; so the schedule (BatchSchedCB, fit_one_cycle, a callback of yours) writes plain floats as in
     eager training, and one graph serves the whole fit. The param groups keep the user's floats outside the capture.
     - Adam and AdamW (made `capturable` for the fit, as a capture needs): the lr always; betas[0] (fit_one_cycle
-      cycles it) once it is seen changing during the warm-up. The graph then holds their one-tensor-at-a-time step
-      (captured with `foreach=False`: torch's multi-tensor step reads a tensor beta1 with a host sync), more kernels
-      per step than the multi-tensor one. betas[1] and weight_decay stay numbers (torch reads them on the host).
-      torch's other optimisers with `capturable` (RMSprop, NAdam, ...) run it too, their numbers captured as they
-      are (some of their paths read a tensor lr on the host).
+      cycles it) once it is seen changing, in the warm-up or at a new capture. The graph then holds their
+      one-tensor-at-a-time step (captured with `foreach=False`: torch's multi-tensor step reads a tensor beta1 with a
+      host sync), more kernels per step than the multi-tensor one. Not with `fused=True` (its kernel takes beta1 as a
+      number). betas[1] and weight_decay stay numbers (torch reads them on the host).
+    - torch's other optimisers with `capturable` (RMSprop, NAdam, ...) run capturable too, with every number as
+      captured (some of their paths read a tensor lr on the host).
     - SGD (and any optimiser without `capturable`): the lr and momentum stay numbers, as torch's SGD reads both on the
-      host (`if momentum != 0`, `alpha=-lr`); under fit_one_cycle the graph is captured anew after every step. Use
-      Adam/AdamW, or a constant lr.
-    A number that changes is recaptured once; more than once in an epoch falls back to eager, naming what changed.
+      host (`if momentum != 0`, `alpha=-lr`; its fused kernel takes momentum as a number). Under fit_one_cycle it captures
+      twice, then trains eagerly and says why. Use Adam/AdamW, or a constant lr and momentum.
+    A number the graph holds that changes means a new capture; more than one in an epoch falls back to eager, naming
+    what changed.
     Other fallbacks, each with a one-line reason: the model is not on a CUDA device, a callback runs Python between
     predict and step (a handler of after_predict, after_loss, after_backward or after_step without
     `cuda_graph_safe = True`), the model has forward hooks (they would run at capture only), the batch is not a list
