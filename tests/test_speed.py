@@ -250,7 +250,7 @@ def test_device_hypers_copy_the_schedules_numbers_into_the_same_tensors():
         sched.step()
         versions = [t._version for t in tensors]
         hy.write()
-        assert hy.tensors == tensors and all(a is b for a, b in zip(hy.tensors, tensors))
+        assert len(hy.tensors) == 3 and all(a is b for a, b in zip(hy.tensors, tensors))  # the addresses a graph holds
         assert [t.item() for t in tensors] == [f32(g0['lr']), f32(g0['betas'][0]), f32(g1['lr'])]
         assert [t._version for t in tensors] == [v + 1 for v in versions]  # one in-place fill each
         hy.write()  # nothing changed: nothing written
