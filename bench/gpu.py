@@ -12,6 +12,8 @@ Each line printed is one JSON record. Cases (all with TrainLearner + DeviceCB + 
 hand-written loop summing accuracy and loss on the device): `ultraloop` (data on the GPU), `bf16` (+ MixedPrecisionCB),
 `bf16_cl` (+ ChannelsLastCB), `compile` (+ CompileCB), `cudagraph` (+ CudaGraphCB), `cudagraph_bf16_cl`. `floor`:
 the train step captured whole in one CUDA graph by hand (as graph_floor.py), against CudaGraphCB, train phase only.
+`cudagraph_onecycle`: Adam + CudaGraphCB under fit_one_cycle (lr and beta1 cycled every step, read from the device;
+`onecycle_lr`: cycle_momentum=False) against the same at a constant lr, train phase only, in alternating fits.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from ultraloop.models import get_model  # noqa: E402
 
 LR = 0.05
 CASES = ('ultraloop_host', 'ultraloop_host_alloc', 'ultraloop_host_sync', 'ultraloop', 'bf16', 'bf16_cl', 'compile', 'cudagraph',
-         'cudagraph_bf16_cl')
+         'cudagraph_bf16_cl', 'cudagraph_onecycle')
+ADAM_LR = 2e-3
 # peer: the module it needs
 PEERS = {'raw': None, 'seed': 'fastcore', 'ignite': 'ignite', 'lightning': 'pytorch_lightning', 'fastai': 'fastai'}
 
@@ -160,6 +163,66 @@ def interleaved(hand_epoch, learn, epochs: int, dev: torch.device, valid: bool =
     return statistics.median(th), statistics.median(tu), statistics.median(rs), [round(min(rs), 3), round(max(rs), 3)]
 
 
+class PhaseClock(U.Callback):
+    """Seconds of each train phase, the device synchronised at both ends."""
+    order = -10**9  # its before_epoch first: the phase's time includes every callback's work
+
+    def __init__(self, dev: torch.device): self.dev, self.times = dev, []
+
+    def before_epoch(self, learn):
+        if learn.training: sync(self.dev); self.t = time.perf_counter()
+
+    def cleanup_epoch(self, learn):
+        if learn.training: sync(self.dev); self.times.append(time.perf_counter() - self.t)
+
+
+def onecycle_vs_constant(data, bs: int, dev: torch.device, epochs: int, rounds: int = 2) -> dict:
+    """Adam + CudaGraphCB, train phase only: fit_one_cycle (`onecycle`: lr and beta1 cycled every step;
+    `onecycle_lr`: lr only) against a constant lr. Each round fits every side once, `epochs` + 1 epochs (the first holds
+    the warm-up and capture and is not timed); ratios are per round, to the constant side of the same round."""
+    times, rec = {s: [] for s in ('constant', 'onecycle_lr', 'onecycle')}, {}
+    for _ in range(rounds):
+        for side in times:
+            torch.manual_seed(0)
+            dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=dev)
+            learn = U.TrainLearner(get_model(), dls, F.cross_entropy, lr=ADAM_LR, opt_func=torch.optim.Adam,
+                                   cbs=[U.DeviceCB(dev)])
+            cg, clock = U.CudaGraphCB(), PhaseClock(dev)
+            if side == 'constant': learn.fit(epochs + 1, cbs=[cg, clock])
+            else: learn.fit_one_cycle(epochs + 1, ADAM_LR, cbs=[cg, clock], cycle_momentum=None if side == 'onecycle' else False)
+            times[side].append(statistics.median(clock.times[1:]))
+            rec[f'{side}_graph'] = {'replays': cg.replays, 'captures': cg.captures, 'eager_because': cg.reason}
+    nt = -(-len(data[0]) // bs)
+    out = {'case': 'cudagraph_onecycle', 'bs': bs, 'opt': 'Adam'}
+    out.update({f'{s}_us_per_step': round(statistics.median(t) / nt * 1e6, 1) for s, t in times.items()})
+    for s in ('onecycle', 'onecycle_lr'):
+        rs = [t / c for t, c in zip(times[s], times['constant'])]
+        out[f'{s}_ratio'], out[f'{s}_ratio_range'] = round(statistics.median(rs), 3), [round(min(rs), 3), round(max(rs), 3)]
+    return {**out, **rec, 'goal': 'onecycle_ratio <= 1.05'}
+
+
+def probe_foreach_beta1(dev: torch.device) -> dict:
+    """Whether torch's multi-tensor (foreach) capturable Adam can be captured with a tensor beta1. CudaGraphCB assumes
+    not (its `_foreach_lerp_` and `_foreach_pow` take beta1 as a Python number, `.item()`: a host sync) and captures
+    such groups with foreach=False; if this says 'captured', that detour costs time for nothing. Run it last in its
+    process: a failed capture leaves CUDA state behind."""
+    rec = {'probe': 'foreach_adam_tensor_beta1_capture'}
+    if dev.type != 'cuda': return {**rec, 'skipped': 'needs CUDA'}
+    ps = [torch.zeros(64, device=dev, requires_grad=True) for _ in range(3)]
+    for p in ps: p.grad = torch.ones_like(p)
+    opt = torch.optim.Adam(ps, lr=1e-3, foreach=True, capturable=True)
+    opt.param_groups[0]['betas'] = (torch.tensor(0.9, device=dev), 0.999)
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s): opt.step()  # state created outside the capture, as CudaGraphCB's warm-up does
+    torch.cuda.current_stream(dev).wait_stream(s)
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()): opt.step()
+        return {**rec, 'result': 'captured'}
+    except Exception as e:
+        return {**rec, 'result': f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}'}
+
+
 def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int = 30) -> None:
     """torch.profiler over `steps` steady-state train steps of each side of `case` (hand or floor, then ultraloop), on a
     slice of the data: a table of host time per operator, one of device time, and a Chrome trace of each side."""
@@ -232,6 +295,7 @@ def main(argv=None):
     p.add_argument('--profile', default=None, help='folder: profile a few steps of ultraloop, cudagraph (bs 64 first)')
     p.add_argument('--profile-cases', default='ultraloop_host,ultraloop_host_sync,ultraloop')  # cudagraph: see README
     p.add_argument('--profile-bs', type=int, default=64)
+    p.add_argument('--probe', action='store_true', help="only: can torch's foreach Adam capture a tensor beta1?")
     a = p.parse_args(argv)
     if a.quick: a.n, a.epochs = 1280, 1
     dev = torch.device(a.device)
@@ -240,11 +304,14 @@ def main(argv=None):
     stamp = {'device': gpu, 'torch': torch.__version__, 'date': date.today().isoformat()}
 
     def emit(rec): print(json.dumps({**rec, **stamp}), flush=True)
+    if a.probe: return emit(probe_foreach_beta1(dev))
     data = make_data(a.n, a.n // 5)
     peers = None if a.peers == 'none' else find_peers(a.peers)
     for bs in map(int, a.bs.split(',')):
         nb = -(-a.n // bs) + -(-(a.n // 5) // bs)
         for case in a.cases.split(','):
+            if case == 'cudagraph_onecycle':
+                emit(onecycle_vs_constant(data, bs, dev, a.epochs)); continue
             if case == 'compile' and not cuda and not a.quick:
                 emit({'case': case, 'bs': bs, 'skipped': 'CompileCB on the CPU: run with --quick or on a GPU'}); continue
             learn = ultraloop(data, bs, dev, case)

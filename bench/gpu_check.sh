@@ -4,10 +4,11 @@
 #
 #   bash bench/gpu_check.sh OUT [STAGES] [N]
 #     OUT     folder for the logs, the benchmark's JSON lines, profiles.txt and the Chrome traces (traces.tgz)
-#     STAGES  any of: tests bench suite dist (default: tests bench suite)
+#     STAGES  any of: tests bench suite dist onecycle (default: tests bench suite; onecycle: fit_one_cycle under
+#             CudaGraphCB alone, its GPU tests and its timing against a constant lr, about a minute)
 #     N       train samples for the benchmark (default 60000; valid is N / 5)
 # Uses $PYTHON (default python3); puts the project root on PYTHONPATH. $BENCH_ARGS: more options for bench/gpu.py;
-# $T_TESTS, $T_BENCH, $T_SUITE: each stage's time limit in seconds (180, 420, 300).
+# $T_TESTS, $T_BENCH, $T_SUITE, $T_ONECYCLE: each stage's time limit in seconds (180, 420, 300, 240).
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUT [STAGES] [N]}; stages=${2:-tests bench suite}; n=${3:-60000}
 py=${PYTHON:-python3}
@@ -28,6 +29,11 @@ for stage in $stages; do
       rm -rf "$out/prof"
       timeout "${T_BENCH:-420}" "$py" bench/gpu.py --n "$n" --profile "$out/prof" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.jsonl" | grep -v '^USDT'
       [ -f "$out/prof/profiles.txt" ] && mv "$out/prof/profiles.txt" "$out/" && (cd "$out/prof" && tar czf ../traces.tgz ./*.json) && rm -rf "$out/prof" ;;
+    onecycle)  # one graph for a whole fit_one_cycle: the tests (GPU, and the CPU stand-ins), then Adam's timing
+      stamp "fit_one_cycle under CudaGraphCB"
+      timeout "${T_ONECYCLE:-240}" "$py" -m pytest -q -p no:cacheprovider -rs -k 'one_cycle and (cuda or gpu)' tests/test_speed.py 2>&1 | tee "$out/onecycle_tests.log" | tail -8
+      timeout "${T_ONECYCLE:-240}" "$py" bench/gpu.py --n "$n" --cases cudagraph_onecycle --peers none 2>&1 | tee "$out/onecycle.jsonl" | grep -v '^USDT'
+      timeout 60 "$py" bench/gpu.py --probe 2>&1 | tee -a "$out/onecycle.jsonl" | grep -v '^USDT' ;;  # why foreach=False
     dist)
       stamp "bench/distributed.py"
       timeout 180 "$py" bench/distributed.py 2>&1 | tee "$out/distributed.jsonl" | tail -8 ;;
@@ -35,7 +41,7 @@ for stage in $stages; do
       stamp "whole suite"
       x=(); "$py" -c 'import xdist' 2>/dev/null && x=(-n 8)
       timeout "${T_SUITE:-300}" "$py" -m pytest -q -p no:cacheprovider -rfEs "${x[@]}" tests 2>&1 | tee "$out/suite.log" | tail -30 ;;
-    *) echo "gpu_check.sh: unknown stage '$stage'; use tests, bench, suite or dist"; exit 2 ;;
+    *) echo "gpu_check.sh: unknown stage '$stage'; use tests, bench, suite, dist or onecycle"; exit 2 ;;
   esac
 done
 stamp done

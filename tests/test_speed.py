@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ultraloop import (ActivationStatsCB, Callback, ChannelLastCB, ChannelsLastCB, CompileCB, CudaGraphCB, DataLoaders,
-                       DeviceCB, Learner, MetricsCB, MixedPrecisionCB, MomentumLearner, TrainCB, TrainLearner)
+                       DeviceCB, Learner, MetricsCB, MixedPrecisionCB, MomentumLearner, RecorderCB, TrainCB, TrainLearner)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -142,7 +142,8 @@ def test_cuda_graph_bad_warmup():
 class FakeGraphs:
     """Stands in for torch.cuda's streams and graphs on the CPU, to check CudaGraphCB's schedule (warm-up, capture,
     replay, eager batches, recapture): capture records the step without its effects, as a real capture does, and each
-    replay runs it again on the static inputs, writing the outputs into the tensors capture produced."""
+    replay runs it again on the static inputs, writing the outputs into the tensors capture produced. A replay reads
+    the param groups as they were at capture, as a graph does: numbers as they were then, tensors where they were."""
     def __init__(self, learn): self.learn, self.captures, self.capturing, self.streams_set = learn, 0, False, 0
 
     class Stream:
@@ -158,21 +159,30 @@ class FakeGraphs:
     @contextlib.contextmanager
     def graph(self, g, stream=None):
         learn, m, opt = self.learn, self.learn.model, self.learn.opt
-        saved = (copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict()),
-                 [None if p.grad is None else p.grad.clone() for p in m.parameters()])
+        state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for p, st in opt.state.items()}
+        saved = (copy.deepcopy(m.state_dict()), [None if p.grad is None else p.grad.clone() for p in m.parameters()])
         static, handlers = learn.batch, learn._handlers  # the step as recorded: without the host after_step handlers
         self.capturing = True
         try: yield
         finally: self.capturing = False
         self.captures += 1
-        preds, loss = learn.preds, learn.loss
-        m.load_state_dict(saved[0]); opt.load_state_dict(saved[1])
-        for p, gr in zip(m.parameters(), saved[2]): p.grad = gr
+        preds, loss, groups = learn.preds, learn.loss, [dict(g) for g in opt.param_groups]
+        self.recorded = groups  # the param groups as the recorded step read them
+        m.load_state_dict(saved[0])
+        for p, gr in zip(m.parameters(), saved[1]): p.grad = gr
+        for p in list(opt.state):  # in place: the optimiser's state tensors stay where the recorded step writes
+            if p not in state: del opt.state[p]
+            else:
+                for k, v in state[p].items():
+                    if torch.is_tensor(v): opt.state[p][k].copy_(v)
+                    else: opt.state[p][k] = v
 
         def replay():
-            real, table = learn.batch, learn._handlers
+            real, table, live = learn.batch, learn._handlers, [dict(g) for g in opt.param_groups]
             learn.batch, learn._handlers = static, handlers
+            for g, c in zip(opt.param_groups, groups): g.update(c)
             type(learn).train_step(learn)  # what CudaGraphCB captured: the Learner's own train step
+            for g, c in zip(opt.param_groups, live): g.update(c)
             with torch.no_grad(): preds.copy_(learn.preds); loss.copy_(learn.loss)
             learn.batch, learn._handlers = real, table
         g.replay = replay
@@ -221,31 +231,109 @@ def test_cuda_graph_schedule_with_a_stand_in_for_cuda(monkeypatch):
                 rtol=1e-6, atol=1e-7)
 
 
-class DeviceLRSGD(torch.optim.Optimizer):
-    """Plain SGD that reads its lr as a tensor when it is one, as a capturable Adam does on a GPU."""
-    def __init__(self, params, lr): super().__init__(params, dict(lr=lr, capturable=False))
+def test_device_hypers_copy_the_schedules_numbers_into_the_same_tensors():
+    from ultraloop.callbacks.speed import _DeviceHypers
+    m = toy_model()
+    opt = torch.optim.Adam([{'params': m[0].parameters()}, {'params': m[2].parameters(), 'lr': 0.5}], lr=0.1, foreach=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.5], total_steps=10)  # writes floats, new betas tuples
+    slots = [(0, 'lr', None), (0, 'betas', 0), (1, 'lr', None)]
+    hy = _DeviceHypers(opt, slots, torch.device('cpu'))
+    tensors = list(hy.tensors)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()
+    g0, g1 = opt.param_groups
+    with hy.in_groups():  # what a capture records: these tensors, and the one-tensor-at-a-time Adam for group 0
+        assert g0['lr'] is tensors[0] and g0['betas'][0] is tensors[1] and g1['lr'] is tensors[2] and g0['foreach'] is False
+        assert g0['betas'][1] == 0.999 and type(g1['betas'][0]) is float and g1['foreach'] is True
+    assert (g0['foreach'], type(g0['lr']), type(g0['betas'][0])) == (True, float, float)  # the groups' own numbers again
+    for _ in range(6):
+        opt.step()  # (no gradients: nothing moves)
+        sched.step()
+        versions = [t._version for t in tensors]
+        hy.write()
+        assert len(hy.tensors) == 3 and all(a is b for a, b in zip(hy.tensors, tensors))  # the addresses a graph holds
+        assert [t.item() for t in tensors] == [f32(g0['lr']), f32(g0['betas'][0]), f32(g1['lr'])]
+        assert [t._version for t in tensors] == [v + 1 for v in versions]  # one in-place fill each
+        hy.write()  # nothing changed: nothing written
+        assert [t._version for t in tensors] == [v + 1 for v in versions]
 
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g['params']:
-                if p.grad is not None: p.sub_(p.grad * g['lr'])
+
+def adam_on_the_cpu_as_on_a_gpu(monkeypatch):
+    """capturable=True is refused on the CPU; torch's capturable Adam code runs there all the same."""
+    import sys
+    monkeypatch.setattr(sys.modules['torch.optim.adam'], '_get_capturable_supported_devices',
+                        lambda supports_xla=True: ['cuda', 'cpu'])
 
 
-def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_the_lr_on_the_device(monkeypatch, capsys):
+@pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None),
+                                                      (partial(torch.optim.AdamW, foreach=True), None),
+                                                      (partial(torch.optim.Adam, foreach=True), False)],
+                         ids=['Adam', 'AdamW-foreach', 'Adam-foreach-lr-only'])
+def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and_beta1_from_tensors(opt_func, cycle_momentum,
+                                                                                                     monkeypatch):
+    adam_on_the_cpu_as_on_a_gpu(monkeypatch)
     dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
-    learn = TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=DeviceLRSGD)
-    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
-    sched = learn.fit_one_cycle(2, 0.2, cbs=[cb], cycle_momentum=False)
-    ref = TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=DeviceLRSGD)
-    ref_sched = ref.fit_one_cycle(2, 0.2, cycle_momentum=False)
-    # 12 train batches an epoch, all full: 3 warm-up, then one capture replayed for the other 21 (the schedule writes
-    # the lr tensor between replays, so nothing is captured anew)
+    rec = lambda: RecorderCB(lr=lambda cb: cb.pg['lr'], mom=lambda cb: cb.pg['betas'][0])
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=opt_func) for _ in range(2))
+    learn.fit_one_cycle(1, 0.01)  # an eager fit first: its state (step counts on the CPU) goes on under the graph
+    ref.fit_one_cycle(1, 0.01)
+    fake, cb, seen, ref_seen = with_fake_graphs(monkeypatch, learn), CudaGraphCB(), rec(), rec()
+    sched = learn.fit_one_cycle(2, 0.01, cbs=[cb, seen], cycle_momentum=cycle_momentum)
+    ref_sched = ref.fit_one_cycle(2, 0.01, cbs=[ref_seen], cycle_momentum=cycle_momentum)
+    # 12 full train batches an epoch: 3 warm-up, then one capture replayed for the other 21, reading lr and betas[0]
+    # from the tensors the schedule's values are written into (a fake replay reads the groups as they were at capture)
     assert (cb.reason, cb.replays, fake.captures) == (None, 21, 1)
-    assert sched.lrs == pytest.approx(ref_sched.lrs, rel=1e-6) and len(sched.lrs) == 24
-    assert all(isinstance(g['lr'], float) for g in learn.opt.param_groups)  # the user's floats are back after fit
+    assert sched.lrs == ref_sched.lrs and seen.recs == ref_seen.recs
+    moms = set(seen.recs['mom'])
+    assert (len(moms) == 1) if cycle_momentum is False else (len(moms) > 20)  # betas[0] cycled every step, or not at all
+    rec = fake.recorded[0]  # beta1 from a tensor needs the one-tensor-at-a-time step (foreach's reads it with .item())
+    assert (type(rec['lr']), type(rec['betas'][0]), type(rec['betas'][1]), rec['capturable'], rec['foreach']) == (
+        (torch.Tensor, float, float, True, True) if cycle_momentum is False else
+        (torch.Tensor, torch.Tensor, float, True, False))
+    # float rounding: the step reads float32 tensors and runs torch's capturable code (a beta1 left as captured: 1e-2)
     assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
-                rtol=1e-5, atol=1e-6)
+                rtol=1e-5, atol=5e-6)
+    g = learn.opt.param_groups[0]  # the user's optimiser as it was: floats, not capturable
+    assert (type(g['lr']), type(g['betas'][0]), g['capturable'], g['foreach']) == (float, float, False,
+                                                                                   ref.opt.param_groups[0]['foreach'])
+    learn.fit(1)
+    ref.fit(1)
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
+                rtol=1e-5, atol=5e-6)
+
+
+def test_an_sgd_whose_lr_and_momentum_cycle_gives_the_graph_up_naming_them(monkeypatch, capsys):
+    opt_func = lambda ps, lr: torch.optim.SGD(ps, lr, momentum=0.9)
+    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=opt_func) for _ in range(2))
+    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
+    learn.fit_one_cycle(1, 0.1, cbs=[cb])
+    ref.fit_one_cycle(1, 0.1)
+    why = ('lr, momentum change within an epoch, and SGD reads them on the host: a graph keeps the values it was '
+           'captured with (Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
+    assert (cb.reason, cb.replays, fake.captures) == (why, 2, 2)  # captured, captured anew, then eager
+    assert capsys.readouterr().out == f'CudaGraphCB: {why}; training eagerly from here\n'
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()])
+
+
+def test_a_weight_decay_changed_every_step_under_adam_is_not_left_as_captured(monkeypatch, capsys):
+    adam_on_the_cpu_as_on_a_gpu(monkeypatch)
+
+    class DecaySched(Callback):  # a schedule of weight_decay, which torch's Adam reads as a number
+        cuda_graph_host_after_step = True
+        def after_step(self, learn):
+            for g in learn.opt.param_groups: g['weight_decay'] += 1e-3
+
+    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam) for _ in range(2))
+    fake, cb = with_fake_graphs(monkeypatch, learn), CudaGraphCB()
+    learn.fit(1, cbs=[cb, DecaySched()])
+    ref.fit(1, cbs=[DecaySched()])
+    why = ('weight_decay changes within an epoch, and Adam reads it on the host: a graph keeps the value it was captured '
+           'with (Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
+    assert (cb.reason, cb.replays, fake.captures) == (why, 2, 2)
+    assert capsys.readouterr().out == f'CudaGraphCB: {why}; training eagerly from here\n'
+    assert_same([p.detach() for p in learn.model.parameters()], [p.detach() for p in ref.model.parameters()],
+                rtol=1e-5, atol=5e-6)
 
 
 def test_a_failed_capture_runs_that_batch_and_the_rest_eagerly(monkeypatch, capsys):
@@ -273,6 +361,28 @@ def test_cuda_graph_equals_the_eager_step_on_a_gpu(learner):
     _, ref = fit_params([DeviceCB('cuda')], data=data, learner=learner, epochs=2)
     assert cb.reason is None and cb.replays == (12 - 3) + 12  # epoch 1 warms up on 3 batches first
     assert_same(ps, ref, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize('opt_func, cycle_momentum', [(torch.optim.Adam, None), (torch.optim.AdamW, None),
+                                                      (torch.optim.Adam, False)], ids=['Adam', 'AdamW', 'Adam-lr-only'])
+def test_fit_one_cycle_with_adam_replays_one_cuda_graph_and_equals_eager_on_a_gpu(opt_func, cycle_momentum):
+    dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
+    learn, ref = (TrainLearner(toy_model(), dls(), F.cross_entropy, opt_func=opt_func, cbs=[DeviceCB('cuda')])
+                  for _ in range(2))
+    learn.fit_one_cycle(1, 0.01)  # an eager fit first: its state (step counts on the CPU) goes on under the graph
+    ref.fit_one_cycle(1, 0.01)
+    cb = CudaGraphCB()
+    sched = learn.fit_one_cycle(2, 0.01, cbs=[cb], cycle_momentum=cycle_momentum)
+    ref_sched = ref.fit_one_cycle(2, 0.01, cycle_momentum=cycle_momentum)
+    # 12 full train batches an epoch: 3 warm-up, one capture replayed for the other 21 (lr and beta1 read on the device)
+    assert (cb.reason, cb.replays, cb.captures) == (None, 2 * 12 - 3, 1)
+    assert sched.lrs == ref_sched.lrs
+    assert_same([p.detach().cpu() for p in learn.model.parameters()], [p.detach().cpu() for p in ref.model.parameters()],
+                rtol=1e-5, atol=1e-5)  # float rounding (a beta1 left as captured differs by 1e-2)
+    g = learn.opt.param_groups[0]  # the user's optimiser as it was
+    assert (type(g['lr']), type(g['betas'][0]), g['capturable']) == (float, float, False)
+    assert {st['step'].device.type for st in learn.opt.state.values()} == {'cpu'}
 
 
 @cuda

@@ -52,7 +52,7 @@ class BaseSchedCB(Callback):
 
     def _step(self, learn) -> None:
         if not learn.training: return
-        self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a device tensor under CudaGraphCB)
+        self.lrs.append(self.sched.get_last_lr()[0])  # the lr this step used (a tensor if the group's lr is one)
         self.sched.step()
 
     def resume_settings(self) -> dict:
@@ -76,7 +76,7 @@ class BaseSchedCB(Callback):
         self.lrs, self._saved = list(state['lrs']), state['saved']
 
     def cleanup_fit(self, learn):
-        if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a device lr: read once per fit, not once per step
+        if self.lrs and isinstance(self.lrs[0], torch.Tensor):  # a tensor lr (the user's): read once per fit, not per step
             self.lrs = torch.stack([torch.as_tensor(v) for v in self.lrs]).double().tolist()
         if self._saved is None: return  # this fit's before_fit did not get this far: nothing to put back
         for g, saved in zip(learn.opt.param_groups, self._saved): g.update(saved)
@@ -86,7 +86,7 @@ class BaseSchedCB(Callback):
 class BatchSchedCB(BaseSchedCB):
     """Steps a torch LR scheduler after every optimiser step. A step skipped through CancelStepException (gradient
     accumulation, a mixed-precision overflow) does not advance it. `lrs`: the lr each step used."""
-    cuda_graph_host_after_step = True  # under CudaGraphCB it steps on the host between replays, writing a device lr
+    cuda_graph_host_after_step = True  # under CudaGraphCB it steps on the host after each replay; the next reads its values
 
     def after_step(self, learn): self._step(learn)
 

@@ -1,11 +1,12 @@
 """Speed without changing the user's code: channels-last memory, torch.compile, and the whole train step as one CUDA graph."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..learner import Callback, _installed_hooks
 from ..utils import check_int, map_tensors
-from .schedule import _CYCLED
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
 
@@ -69,7 +70,6 @@ class CompileCB(Callback):
 # A callback whose after_step may run on the host after each replayed step (a schedule writing the lr) declares
 # `cuda_graph_host_after_step = True`.
 _STEP_EVENTS = ('after_predict', 'after_loss', 'after_backward', 'after_step')
-# a schedule's cycled hyper-parameters (_CYCLED) are baked into a graph as constants: a change needs a new capture
 
 
 class CudaGraphCB(Callback):
@@ -80,14 +80,26 @@ class CudaGraphCB(Callback):
     initialise there), the next is captured and replayed; a batch of another shape (the last, smaller one) and the
     valid phase run eagerly. learn.preds and learn.loss hold each replay's outputs, so metrics count it.
 
-    Schedules: where the optimiser can read its lr from the device (Adam and AdamW, made `capturable`), each group's lr
-    becomes a device tensor for the fit, so a per-batch schedule (BatchSchedCB, fit_one_cycle) writes it between
-    replays and the graph is kept; its after_step runs on the host after each replay. Elsewhere (SGD), and when
-    momentum or betas change (fit_one_cycle cycles them unless `cycle_momentum=False`), the graph is captured anew;
-    more than one new capture in an epoch falls back to eager. Other fallbacks, each with a one-line reason: the model
-    is not on a CUDA device, a callback runs Python between predict and step (a handler of after_predict, after_loss,
-    after_backward or after_step without `cuda_graph_safe = True`), the model has forward hooks (they would run at
-    capture only), the batch is not a list of tensors, or capture fails (a host sync such as `.item()` in the step).
+    Schedules: a graph holds every number the step read at capture. Where the optimiser can read a hyper-parameter
+    from the device instead, the graph reads it from a tensor of its own, which takes the value the param group holds
+    before each replay; so the schedule (BatchSchedCB, fit_one_cycle, a callback of yours) writes plain floats as in
+    eager training, and one graph serves the whole fit. The param groups keep the user's floats outside the capture.
+    - Adam and AdamW (made `capturable` for the fit, as a capture needs): the lr always; betas[0] (fit_one_cycle
+      cycles it) once it is seen changing, in the warm-up or at a new capture. The graph then holds their
+      one-tensor-at-a-time step (captured with `foreach=False`: torch's multi-tensor step reads a tensor beta1 with a
+      host sync), more kernels per step than the multi-tensor one. Not with `fused=True` (its kernel takes beta1 as a
+      number). betas[1] and weight_decay stay numbers (torch reads them on the host).
+    - torch's other optimisers with `capturable` (RMSprop, NAdam, ...) run capturable too, with every number as
+      captured (some of their paths read a tensor lr on the host).
+    - SGD (and any optimiser without `capturable`): the lr and momentum stay numbers, as torch's SGD reads both on the
+      host (`if momentum != 0`, `alpha=-lr`; its fused kernel takes momentum as a number). Under fit_one_cycle it captures
+      twice, then trains eagerly and says why. Use Adam/AdamW, or a constant lr and momentum.
+    A number the graph holds that changes means a new capture; more than one in an epoch falls back to eager, naming
+    what changed.
+    Other fallbacks, each with a one-line reason: the model is not on a CUDA device, a callback runs Python between
+    predict and step (a handler of after_predict, after_loss, after_backward or after_step without
+    `cuda_graph_safe = True`), the model has forward hooks (they would run at capture only), the batch is not a list
+    of tensors, or capture fails (a host sync such as `.item()` in the step).
     """
     order = 1_000  # before_batch last: the batch is on the device and in its memory format
 
@@ -95,9 +107,10 @@ class CudaGraphCB(Callback):
         self.warmup = check_int('CudaGraphCB: warmup (eager train batches before capture)', warmup, 1)
         self.reason: str | None = None  # why the last fit ran eagerly; None: it used the graph
         self.replays = 0  # batches the graph ran, over the last fit
+        self.captures = 0  # graphs captured, over the last fit
 
     def before_fit(self, learn):
-        self.graph, self.replays, self._warm, self._lr_tensors = None, 0, 0, False
+        self.graph, self.replays, self.captures, self._warm, self._switched = None, 0, 0, 0, None
         self._eager = type(learn).train_step  # the one train step: what eager batches run and what the graph records
         self.reason = _graph_blocker(learn, self)
         self._main = learn.is_main  # one process says why it trains eagerly
@@ -107,11 +120,9 @@ class CudaGraphCB(Callback):
         self._stream = torch.cuda.Stream()
         self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
                       if getattr(cb, 'cuda_graph_host_after_step', False)]
-        groups = learn.opt.param_groups
-        if self._host and all('capturable' in g for g in groups):  # Adam family: lr read from the device
-            dev = next(learn.model.parameters()).device
-            for g in groups: g['lr'], g['capturable'] = torch.tensor(float(g['lr']), device=dev), True
-            self._lr_tensors = True
+        self._opt = opt = _unwrap(learn.opt)
+        self._switched = _make_capturable(opt)
+        self._seen, self._moving, self._hypers = _numbers(opt), set(), None
 
     def before_epoch(self, learn): self._recaptures = 0
 
@@ -119,44 +130,50 @@ class CudaGraphCB(Callback):
         if self.reason is not None: return self._eager(learn)
         if self._warm < self.warmup:  # eager, on the side stream the graph will be captured on
             self._warm += 1
+            self._moving |= _changed(self._seen, _numbers(self._opt))
             learn.preds = learn.loss = None  # the last step's autograd graph, made on another stream, is let go
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream): self._eager(learn)
             return torch.cuda.current_stream().wait_stream(self._stream)
         b = learn.batch
-        if self.graph is not None and self._baked != _baked(learn.opt, self._lr_tensors):
-            self._recaptures += 1
-            if self._recaptures > 1:
-                self._give_up('the learning rate, momentum or betas change within an epoch, and this optimiser bakes '
-                              'them into the graph (a capturable Adam/AdamW with cycle_momentum=False keeps it)')
-                return self._eager(learn)
-            self.graph = None
+        if self.graph is not None:
+            changed = _changed(self._baked, _numbers(self._opt))
+            if changed:
+                self._recaptures += 1
+                if self._recaptures > 1:
+                    self._give_up(_baked_reason(self._opt, changed))
+                    return self._eager(learn)
+                self._moving |= changed
+                self.graph = None
         if self.graph is None:
             if not self._capture(learn, b): return self._eager(learn)
         elif len(b) == len(self._static) and all(t.shape == s.shape for t, s in zip(b, self._static)):
             for s, t in zip(self._static, b): s.copy_(t)
         else: return self._eager(learn)  # another shape
+        self._hypers.write()
         self.graph.replay()
         self.replays += 1
         learn.preds, learn.loss = self._preds, self._loss
         for f in self._host: f(learn)
 
     def cleanup_fit(self, learn):
-        self.graph = self._static = self._preds = self._loss = None  # frees the graph's memory
-        if self._lr_tensors:  # the user's optimiser gets its plain floats back
-            for g in learn.opt.param_groups: g['lr'] = float(g['lr'])
-            self._lr_tensors = False
+        self.graph = self._static = self._preds = self._loss = self._hypers = None  # frees the graph's memory
+        if self._switched is not None: _restore_flags(self._opt, self._switched)  # the user's optimiser as it was
+        self._switched = self._opt = None
 
     def _capture(self, learn, b) -> bool:
         if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
             return self._give_up(f'the batch is a {type(b).__name__}, not a list of tensors')
+        opt = self._opt
+        self._moving |= _changed(self._seen, _numbers(opt))
+        self._hypers = _DeviceHypers(opt, _readable(opt, self._moving), next(learn.model.parameters()).device)
         self._static = [t.clone() for t in b]  # the graph reads its inputs from these addresses
         learn.batch, graph, main = self._static, torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         learn.preds = learn.loss = None
         table = learn._handlers  # host after_step handlers run after each replay, so not inside the recorded step
         learn._handlers = {**table, 'after_step': tuple(f for f in table['after_step'] if f not in self._host)}
         try:
-            with torch.cuda.graph(graph, stream=self._stream): self._eager(learn)
+            with self._hypers.in_groups(), torch.cuda.graph(graph, stream=self._stream): self._eager(learn)
         except Exception as e:  # a host sync, an uncapturable op, a cancel: the loop then runs this batch eagerly
             torch.cuda.set_stream(main)  # a failed capture_end leaves the capture stream current
             _end_rng_capture(b[0].device)
@@ -167,8 +184,9 @@ class CudaGraphCB(Callback):
         # outputs live in the graph's memory and are overwritten by the next replay; detached, they let go of the
         # capture's autograd graph, whose gradient nodes would otherwise meet the eager steps on another stream
         self.graph = graph
+        self.captures += 1
         self._preds, self._loss = map_tensors(torch.Tensor.detach, learn.preds), learn.loss.detach()
-        self._baked = _baked(learn.opt, self._lr_tensors)
+        self._baked = {k: v for k, v in _numbers(opt).items() if k not in self._hypers.slots}
         return True
 
     def _give_up(self, reason: str) -> bool:
@@ -185,11 +203,122 @@ def _end_rng_capture(device) -> None:
     with torch.cuda.graph(g, stream=torch.cuda.Stream()): torch.zeros(1, device=device)
 
 
-def _baked(opt, lr_on_device: bool) -> list:
-    """The hyper-parameters the captured step holds as constants: momentum and betas, and the lr unless it is read
-    from a device tensor."""
-    keys = _CYCLED if lr_on_device else ('lr', *_CYCLED)
-    return [[g.get(k) for k in keys] for g in opt.param_groups]
+# ---- hyper-parameters on the device -----------------------------------------------------------------------------------
+def _unwrap(opt):
+    """The torch optimiser inside a wrapper (accelerate's AcceleratedOptimizer holds it as `.optimizer`)."""
+    while isinstance(getattr(opt, 'optimizer', None), torch.optim.Optimizer): opt = opt.optimizer
+    return opt
+
+
+# A slot names one number of a param group: (group index, key, index in a tuple such as betas, or None).
+def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(opt) -> dict:
+    """Every number the optimiser's step reads from its param groups (the keys of its defaults: lr, betas, momentum,
+    weight_decay, eps, ...), by slot. Flags (bool, None) and tensors are left out."""
+    out = {}
+    for i, g in enumerate(opt.param_groups):
+        for k in opt.defaults:
+            v = g.get(k)
+            if _is_number(v): out[i, k, None] = v
+            elif isinstance(v, tuple): out.update({(i, k, j): x for j, x in enumerate(v) if _is_number(x)})
+    return out
+
+
+def _changed(before: dict, now: dict) -> set:
+    """The slots whose number differs between two `_numbers` readings."""
+    return {s for s, v in now.items() if before.get(s, v) != v}
+
+
+def _readable(opt, moving: set) -> list:
+    """The slots the captured step can read from a device tensor, for Adam and AdamW (capturable): the lr, and beta1
+    when it changes (their one-tensor-at-a-time step reads a tensor beta1 without a host sync; the fused kernel takes
+    it as a number). torch's other optimisers read a tensor lr on the host in some paths (RMSprop's `value=-lr`)."""
+    if not isinstance(opt, torch.optim.Adam): return []
+    slots = []
+    for i, g in enumerate(opt.param_groups):
+        if _is_number(g.get('lr')): slots.append((i, 'lr', None))
+        b = g.get('betas')
+        if (i, 'betas', 0) in moving and not g.get('fused') and not g.get('differentiable') and isinstance(b, tuple) \
+                and _is_number(b[0]):
+            slots.append((i, 'betas', 0))
+    return slots
+
+
+def _baked_reason(opt, changed: set) -> str:
+    names = sorted({k if j is None else f'{k}[{j}]' for _, k, j in changed})
+    one = len(names) == 1
+    return (f'{", ".join(names)} change{"s" if one else ""} within an epoch, and {type(opt).__name__} reads '
+            f'{"it" if one else "them"} on the host: a graph keeps the value{"" if one else "s"} it was captured with '
+            f'(Adam and AdamW, not fused, read lr and betas[0] from the device and keep one graph)')
+
+
+def _get(g: dict, key: str, j):
+    return g[key] if j is None else g[key][j]
+
+
+def _set(g: dict, key: str, j, v) -> None:
+    if j is None: g[key] = v
+    else: g[key] = tuple(v if n == j else x for n, x in enumerate(g[key]))
+
+
+class _DeviceHypers:
+    """The hyper-parameters a captured step reads from the device: one persistent 0-d float32 tensor per slot (group
+    index, key, tuple index), on `device`. `in_groups()` puts them in the param groups while the step is captured, so
+    the graph records their addresses; `write()`, before each replay, copies in place the numbers the groups hold then
+    (what the schedule wrote: a float, or a new betas tuple) into the same tensors. Outside the capture the groups
+    keep plain floats, so eager steps, schedules, recorders and checkpoints see what they see without a graph.
+    A group that reads beta1 from here is captured with `foreach=False` (torch's multi-tensor Adam reads a tensor beta1
+    with `.item()`, a host sync); eager steps keep the group's own `foreach`."""
+
+    def __init__(self, opt, slots, device):
+        self.groups, self.slots = opt.param_groups, list(slots)
+        self.values = [float(_get(self.groups[i], k, j)) for i, k, j in self.slots]  # what each tensor holds
+        self.tensors = [torch.tensor(v, dtype=torch.float32, device=device) for v in self.values]
+
+    def write(self) -> None:
+        """Copies each slot's number, as the group holds it now, into its tensor: a fill where it changed (no sync)."""
+        for n, (i, k, j) in enumerate(self.slots):
+            v = _get(self.groups[i], k, j)
+            if isinstance(v, torch.Tensor): self.tensors[n].copy_(v); self.values[n] = None
+            elif v != self.values[n]: self.tensors[n].fill_(v); self.values[n] = float(v)
+
+    @contextmanager
+    def in_groups(self):
+        """The groups hold the tensors for the block (the capture), then their own numbers again."""
+        keys = {(i, k) for i, k, _ in self.slots} | {(i, 'foreach') for i, k, _ in self.slots if k == 'betas'}
+        saved = {(i, k): self.groups[i][k] for i, k in keys}
+        for (i, k, j), t in zip(self.slots, self.tensors):
+            _set(self.groups[i], k, j, t)
+            if k == 'betas': self.groups[i]['foreach'] = False
+        try: yield
+        finally:
+            for (i, k), v in saved.items(): self.groups[i][k] = v
+
+
+def _make_capturable(opt) -> list:
+    """Adam and the other optimisers with `capturable` run it for the fit (a capture needs their step count on the
+    device, and their step reads a tensor lr or beta1 only then). Returns the groups switched, to switch back at fit end."""
+    switched = [g for g in opt.param_groups if g.get('capturable') is False]
+    # torch warns once when a capturable step runs without a capture: the eager warm-up steps do, on purpose
+    if switched: opt._warned_capturable_if_run_uncaptured = True
+    for g in switched:
+        g['capturable'] = True
+        _move_steps(opt, g, None)  # state from an earlier eager fit: its step counts move to the parameters' device
+    return switched
+
+
+def _restore_flags(opt, switched: list) -> None:
+    for g in switched:
+        g['capturable'] = False
+        if not g.get('fused'): _move_steps(opt, g, 'cpu')  # where torch keeps them when not capturable
+
+
+def _move_steps(opt, g: dict, device) -> None:
+    for p in g['params']:
+        st = opt.state.get(p)
+        if st and isinstance(st.get('step'), torch.Tensor): st['step'] = st['step'].to(device or p.device)
 
 
 def _graph_blocker(learn, graph_cb: CudaGraphCB) -> str | None:
