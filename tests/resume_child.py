@@ -63,8 +63,9 @@ def build(cfg: dict, ckdir=None):
     if cfg['loader'] == 'tensor': dls = DataLoaders.from_tensors(xt, yt, xv, yv, bs=6, seed=3)  # 11 batches, the last short
     else:
         workers = 2 if cfg['loader'] == 'workers' else 0
-        dls = DataLoaders(DataLoader(Pairs(xt, yt), batch_size=6, shuffle=True, num_workers=workers),
-                          DataLoader(Pairs(xv, yv), batch_size=8, num_workers=workers))
+        pin = cfg.get('pin', False)  # on CUDA: DeviceCB copies the pinned batches straight to the GPU
+        dls = DataLoaders(DataLoader(Pairs(xt, yt), batch_size=6, shuffle=True, num_workers=workers, pin_memory=pin),
+                          DataLoader(Pairs(xv, yv), batch_size=8, num_workers=workers, pin_memory=pin))
     layers = [nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)]
     if cfg.get('dropout'): layers.insert(2, nn.Dropout(0.3))  # draws from the torch RNG every training batch
     cbs = [Quiet(acc=_accuracy())]

@@ -78,7 +78,8 @@ SPAWNED = dict(loader='dl', dropout=True, one_cycle=True, fp16=True, x_scale=30,
     not torch.cuda.is_available(), reason='needs a CUDA GPU'))])
 def test_cuda_run_spawned_sigkilled_mid_epoch_and_resumed_in_a_new_process_equals_the_uninterrupted_run(tmp_path, device):
     """On a GPU: CUDA dropout (its RNG state is in the checkpoint), the CUDA GradScaler's state, DeviceCB's side-stream
-    prefetch (the loader's position is the loop's, not one batch ahead) and the background checkpoint's side-stream
+    prefetch from the DataLoader's pinned batches (the loader's position is the loop's, not one batch ahead; a pinned
+    batch reused before its copy ended would differ from run to run) and the background checkpoint's side-stream
     copy into pinned memory, through a real SIGKILL. The killed, the resumed and the uninterrupted run each run in a
     process started afresh (not forked: a process forked after its parent asked the CUDA driver anything cannot use
     CUDA), with `torch.use_deterministic_algorithms(True)` and CUBLAS_WORKSPACE_CONFIG=:4096:8: bitwise equality across
@@ -89,7 +90,7 @@ def test_cuda_run_spawned_sigkilled_mid_epoch_and_resumed_in_a_new_process_equal
     On the CPU (CPU GradScaler; DeviceCB copies in before_batch, without the prefetch) the killed and resumed runs are
     fresh processes, the reference runs here meanwhile, and the deterministic mode is off: the CPU kernels used are
     deterministic, and turning it on imports torch._inductor (seconds per process)."""
-    cfg = {**SPAWNED, 'device': device, 'deterministic': device == 'cuda', 'dir': str(tmp_path / 'ck')}
+    cfg = {**SPAWNED, 'device': device, 'deterministic': device == 'cuda', 'pin': device == 'cuda', 'dir': str(tmp_path / 'ck')}
     (tmp_path / 'configs.json').write_text(json.dumps({'run': cfg}))
     env = cpu_child_env(ROOT, CUBLAS_WORKSPACE_CONFIG=':4096:8')
     if device == 'cuda':  # the GPU this process sees
