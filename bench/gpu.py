@@ -14,6 +14,15 @@ hand-written loop summing accuracy and loss on the device): `ultraloop` (data on
 the train step captured whole in one CUDA graph by hand (as graph_floor.py), against CudaGraphCB, train phase only.
 `cudagraph_onecycle`: Adam + CudaGraphCB under fit_one_cycle (lr and beta1 cycled every step, read from the device;
 `onecycle_lr`: cycle_momentum=False) against the same at a constant lr, train phase only, in alternating fits.
+
+`--bound`: the GPU-bound regime instead, a model large enough that DeviceCB's side-stream copy of the next batch should
+hide behind the step: a ResNet-18-like net (written here, no torchvision) on 3 x 64 x 64 images at bs 256. Four sides,
+an epoch (train + valid) of each in turn, the order reversed every round: ultraloop fed from a host DataLoader (workers,
+pin_memory) and the same learner over the data already on the GPU, and the hand-written loop each way. Its record gives
+each side's us per batch and the median ratios; the goal is `host_vs_gpu` (ultraloop host-fed / ultraloop on-GPU)
+<= 1.05. With --profile, a torch.profiler table and trace of a few train steps of each ultraloop side.
+    python bench/gpu.py --bound --profile DIR    # about a minute on an H200
+    python bench/gpu.py --bound --quick --device cpu   # tiny (16 x 16 images, narrow net): checks that the path runs
 """
 from __future__ import annotations
 
@@ -30,7 +39,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,16 +65,63 @@ def make_data(n: int, nv: int, seed: int = 0):
     return x[:n], y[:n], x[n:], y[n:]
 
 
+class Block(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with batch norm, added to the input (projected where it changes shape)."""
+    def __init__(self, ni: int, nf: int, stride: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(ni, nf, 3, stride, 1, bias=False), nn.BatchNorm2d(nf)
+        self.c2, self.b2 = nn.Conv2d(nf, nf, 3, 1, 1, bias=False), nn.BatchNorm2d(nf)
+        self.skip = nn.Identity() if stride == 1 and ni == nf else \
+            nn.Sequential(nn.Conv2d(ni, nf, 1, stride, bias=False), nn.BatchNorm2d(nf))
+
+    def forward(self, x):
+        return F.relu(self.b2(self.c2(F.relu(self.b1(self.c1(x))))) + self.skip(x))
+
+
+def resnet18(n_out: int = 10, width: int = 64) -> nn.Sequential:
+    """ResNet-18's layout (2 basic blocks at each of 4 widths) for small images: a 3x3 stride-2 stem and no max-pool, so
+    64 x 64 inputs meet the first blocks at 32 x 32: 11.2 M weights, 3.3 GFLOPs per image for forward and backward."""
+    ws = [width, width * 2, width * 4, width * 8]
+    layers, ni = [nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()], width
+    for i, w in enumerate(ws):
+        layers += [Block(ni, w, 1 if i == 0 else 2), Block(w, w, 1)]
+        ni = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_out))
+
+
+class Images(Dataset):
+    """Map-style, sample by sample, as an image dataset is read by a DataLoader's workers and collated."""
+    def __init__(self, x, y): self.x, self.y = x, y
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+
+
+def make_images(n: int, nv: int, size: int, seed: int = 0):
+    """Learnable 3 x size x size images, 10 classes from a random linear teacher on their 4 x 4 block means."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + nv, 3, size, size, generator=g)
+    feats = F.avg_pool2d(x, size // 4).flatten(1)
+    y = (feats @ torch.randn(feats.shape[1], 10, generator=g)).argmax(1)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def host_loaders(data, bs: int, workers: int, pin: bool) -> U.DataLoaders:
+    """DataLoaders over the host tensors: shuffled train, `workers` processes each (kept between epochs), pinned batches."""
+    kw = dict(batch_size=bs, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    return U.DataLoaders(DataLoader(Images(data[0], data[1]), shuffle=True, generator=torch.Generator().manual_seed(0), **kw),
+                         DataLoader(Images(data[2], data[3]), **kw))
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
 
-def hand(data, bs: int, dev: torch.device, host: bool):
+def hand(data, bs: int, dev: torch.device, host: bool, model_fn=get_model, dls=None):
     """The bar: a careful hand-written loop over the same loaders, accuracy and loss summed on the device."""
     torch.manual_seed(0)
-    model = get_model().to(dev)
+    model = model_fn().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
+    dls = dls or U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
 
     def epoch():
         for training, dl in ((True, dls.train), (False, dls.valid)):
@@ -89,19 +147,19 @@ class QuietMetricsCB(U.MetricsCB):
     def _log(self, d): pass  # the benchmark prints its own records
 
 
-def ultraloop(data, bs: int, dev: torch.device, case: str):
+def ultraloop(data, bs: int, dev: torch.device, case: str, model_fn=get_model, dls=None):
     import torchmetrics
     torch.manual_seed(0)
     host = case.startswith('ultraloop_host')
     _Prefetch.reuse_pinned = case != 'ultraloop_host_alloc'  # the learner's fit runs next: it reads this then
-    dls = U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
+    dls = dls or U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=None if host else dev)
     extra = {'bf16': [U.MixedPrecisionCB(torch.bfloat16)],
              'bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16)],
              'compile': [U.CompileCB()],
              'cudagraph': [U.CudaGraphCB()],
              'cudagraph_bf16_cl': [U.ChannelsLastCB(), U.MixedPrecisionCB(torch.bfloat16), U.CudaGraphCB()]}.get(case, [])
     acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average='micro')
-    learn = U.TrainLearner(get_model(), dls, loss_func=F.cross_entropy, lr=LR,
+    learn = U.TrainLearner(model_fn(), dls, loss_func=F.cross_entropy, lr=LR,
                            cbs=[U.DeviceCB(dev, prefetch=case != 'ultraloop_host_sync'), QuietMetricsCB(accuracy=acc), *extra])
     return learn
 
@@ -223,12 +281,45 @@ def probe_foreach_beta1(dev: torch.device) -> dict:
         return {**rec, 'result': f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:160]}'}
 
 
+def _profiled_fit(learn, dev: torch.device, acts: list):
+    """Fit two epochs; torch.profiler over the second epoch's train phase (after warm-up and capture)."""
+    from torch.profiler import profile as tprof
+    holder = {}
+
+    class Prof(U.Callback):
+        order = -10**9
+
+        def before_epoch(self, learn):
+            if learn.epoch == 1 and learn.training: sync(dev); holder['p'] = tprof(activities=acts).__enter__()
+
+        def cleanup_epoch(self, learn):
+            if learn.epoch == 1 and learn.training: sync(dev); holder['p'].__exit__(None, None, None)
+    learn.fit(2, cbs=[Prof()])
+    return holder['p']
+
+
+def _write_profiles(results: dict, title: str, tag: str, dev: torch.device, out: Path) -> None:
+    """Each side's table of host time per operator (and of device time on a GPU) into out/profiles.txt, and its Chrome
+    trace as out/trace_<tag>_<side>.json."""
+    with open(out / 'profiles.txt', 'a') as f:
+        for side, p in results.items():
+            ka = p.key_averages()
+            f.write(f'\n===== {title}: {side} =====\n')
+            f.write(ka.table(sort_by='self_cpu_time_total', row_limit=30))
+            if dev.type == 'cuda': f.write(ka.table(sort_by='self_device_time_total', row_limit=20))
+            p.export_chrome_trace(str(out / f'trace_{tag}_{side}.json'))
+
+
+def _activities(dev: torch.device) -> list:
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+
+
 def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int = 30) -> None:
     """torch.profiler over `steps` steady-state train steps of each side of `case` (hand or floor, then ultraloop), on a
     slice of the data: a table of host time per operator, one of device time, and a Chrome trace of each side."""
-    from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    acts = _activities(dev)
     n = steps * bs
     small = (data[0][:n], data[1][:n], data[2][:bs * 4], data[3][:bs * 4])
     graphed = case.startswith('cudagraph')
@@ -239,25 +330,59 @@ def profile(data, bs: int, dev: torch.device, case: str, out: Path, steps: int =
     with tprof(activities=acts) as p:
         base(); sync(dev)
     results['floor' if graphed else 'hand'] = p
-    learn, holder = ultraloop(small, bs, dev, case), {}
+    results['ultraloop'] = _profiled_fit(ultraloop(small, bs, dev, case), dev, acts)
+    _write_profiles(results, f'{case} bs {bs}, {steps} train steps', f'{case}_bs{bs}', dev, out)
 
-    class Prof(U.Callback):  # the second epoch's train phase: after warm-up and capture
-        order = -10**9
 
-        def before_epoch(self, learn):
-            if learn.epoch == 1 and learn.training: sync(dev); holder['p'] = tprof(activities=acts).__enter__()
+def rounds(sides: dict, n: int, dev: torch.device) -> dict:
+    """Seconds of each side's epochs: `n` + 1 rounds of one epoch of each side in turn, the order reversed every round
+    (no side always runs first), the first round a warm-up left out."""
+    times, order = {k: [] for k in sides}, list(sides)
+    for r in range(n + 1):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            sync(dev); t = time.perf_counter()
+            sides[k]()
+            sync(dev); times[k].append(time.perf_counter() - t)
+    return {k: v[1:] for k, v in times.items()}
 
-        def cleanup_epoch(self, learn):
-            if learn.epoch == 1 and learn.training: sync(dev); holder['p'].__exit__(None, None, None)
-    learn.fit(2, cbs=[Prof()])
-    results['ultraloop'] = holder['p']
-    with open(out / 'profiles.txt', 'a') as f:
-        for side, p in results.items():
-            ka = p.key_averages()
-            f.write(f'\n===== {case} bs {bs}: {side}, {steps} train steps =====\n')
-            f.write(ka.table(sort_by='self_cpu_time_total', row_limit=30))
-            if dev.type == 'cuda': f.write(ka.table(sort_by='self_device_time_total', row_limit=20))
-            p.export_chrome_trace(str(out / f'trace_{case}_bs{bs}_{side}.json'))
+
+def bound(a, dev: torch.device, emit) -> None:
+    """The GPU-bound regime (--bound): ResNet-18-like on 3 x 64 x 64 images, ultraloop and the hand-written loop, each
+    fed from a host DataLoader (workers, pinned batches) and from the data already on the GPU."""
+    from functools import partial
+    cuda = dev.type == 'cuda'
+    size, width, bs, n = (16, 8, 32, 256) if a.quick else (64, 64, a.bound_bs, a.bound_n)
+    data = make_images(n, n // 5, size)
+    model_fn = partial(resnet18, width=width)
+
+    def host_dls(d=data): return host_loaders(d, bs, a.workers, pin=cuda)
+    ul_host, ul_gpu = (ultraloop(data, bs, dev, 'resnet', model_fn, dls) for dls in
+                       (host_dls(), U.DataLoaders.from_tensors(*data, bs=bs, seed=0, device=dev)))
+    sides = {'ultraloop_host': lambda: ul_host.fit(1), 'ultraloop_gpu': lambda: ul_gpu.fit(1),
+             'hand_host': hand(data, bs, dev, True, model_fn, host_dls()), 'hand_gpu': hand(data, bs, dev, False, model_fn)}
+    ts = rounds(sides, a.epochs, dev)
+    nb = -(-n // bs) + -(-(n // 5) // bs)
+
+    def ratio(u, v):
+        rs = [x / y for x, y in zip(ts[u], ts[v])]
+        return round(statistics.median(rs), 3), [round(min(rs), 3), round(max(rs), 3)]
+    rec = {'case': 'gpu_bound', 'model': f'resnet18 width {width}', 'image': f'3x{size}x{size}', 'bs': bs, 'n': n,
+           'workers': a.workers, 'pin_memory': cuda, 'epochs': a.epochs,
+           **{f'{k}_us_per_batch': round(statistics.median(v) / nb * 1e6, 1) for k, v in ts.items()}}
+    for name, (u, v) in {'host_vs_gpu': ('ultraloop_host', 'ultraloop_gpu'), 'hand_host_vs_gpu': ('hand_host', 'hand_gpu'),
+                         'host_vs_hand': ('ultraloop_host', 'hand_host'), 'gpu_vs_hand': ('ultraloop_gpu', 'hand_gpu')}.items():
+        rec[f'{name}_median_ratio'], rec[f'{name}_ratio_range'] = ratio(u, v)
+    emit(rec)
+    if a.profile:  # a slice of `steps` train batches, fresh learners: the table and trace of each ultraloop side
+        out, steps = Path(a.profile), 3 if a.quick else 20
+        out.mkdir(parents=True, exist_ok=True)
+        small = (data[0][:steps * bs], data[1][:steps * bs], data[2][:bs * 2], data[3][:bs * 2])
+        acts = _activities(dev)
+        results = {'ultraloop_host': _profiled_fit(ultraloop(small, bs, dev, 'resnet', model_fn, host_dls(small)), dev, acts),
+                   'ultraloop_gpu': _profiled_fit(ultraloop(small, bs, dev, 'resnet', model_fn, U.DataLoaders.from_tensors(
+                       *small, bs=bs, seed=0, device=dev)), dev, acts)}
+        _write_profiles(results, f'gpu_bound resnet18 bs {bs}, {steps} train steps', f'gpu_bound_bs{bs}', dev, out)
+        emit({'profiled': 'gpu_bound', 'bs': bs, 'to': str(out)})
 
 
 def find_peers(arg: str | None) -> Path | None:
@@ -296,6 +421,11 @@ def main(argv=None):
     p.add_argument('--profile-cases', default='ultraloop_host,ultraloop_host_sync,ultraloop')  # cudagraph: see README
     p.add_argument('--profile-bs', type=int, default=64)
     p.add_argument('--probe', action='store_true', help="only: can torch's foreach Adam capture a tensor beta1?")
+    p.add_argument('--bound', action='store_true', help='the GPU-bound case only (ResNet-18-like, 64 x 64, host loader)')
+    p.add_argument('--bound-n', type=int, default=20480, help='--bound: train samples; valid: n / 5')
+    p.add_argument('--bound-bs', type=int, default=256)
+    p.add_argument('--workers', type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                   help="--bound: each host DataLoader's worker processes")
     a = p.parse_args(argv)
     if a.quick: a.n, a.epochs = 1280, 1
     dev = torch.device(a.device)
@@ -305,6 +435,7 @@ def main(argv=None):
 
     def emit(rec): print(json.dumps({**rec, **stamp}), flush=True)
     if a.probe: return emit(probe_foreach_beta1(dev))
+    if a.bound: return bound(a, dev, emit)
     data = make_data(a.n, a.n // 5)
     peers = None if a.peers == 'none' else find_peers(a.peers)
     for bs in map(int, a.bs.split(',')):

@@ -51,11 +51,11 @@ class TrainCB(Callback):
 
 
 class _Prefetch:
-    """Iterates loader `dl` for a CUDA `device`: each batch's host tensors are copied into pinned buffers reused from
-    batch to batch, then to the device with non_blocking=True on a side stream, so the copy runs while the GPU still
-    works on the previous step. A batch is taken from `dl` only when the loop asks for it, so the loader's own position
-    (its `state_dict()`, for a checkpoint) is always the loop's. Yields lists; len() and other attributes (`order`,
-    `state_dict`, ...) are those of `dl`."""
+    """Iterates loader `dl` for a CUDA `device`: each batch's host tensors are copied into pinned buffers reused from batch
+    to batch (unless the loader pinned them), then to the device with non_blocking=True on a side stream, so the copy
+    runs while the GPU still works on the previous step. A batch is taken from `dl` only when the loop asks for it, so
+    the loader's own position (its `state_dict()`, for a checkpoint) is always the loop's. Yields lists; len() and other
+    attributes (`order`, `state_dict`, ...) are those of `dl`."""
     ring = 3  # pinned buffers per batch shape: one being filled, and the copies of up to two batches still running
     reuse_pinned = True  # False: pin each batch anew (tensor.pin_memory()), for the benchmark's comparison
 
@@ -93,8 +93,12 @@ class _Prefetch:
             used, out = [], []
             for t in b:
                 if isinstance(t, torch.Tensor) and not t.is_cuda:
-                    if self.reuse_pinned: t = self._pin(t, used)
-                    elif not t.is_pinned(): t = t.pin_memory()
+                    # pinned already (a DataLoader with pin_memory=True): copied from where it is, sparing the loop's
+                    # thread a second host copy of the batch; torch's pinned-memory allocator keeps that memory from
+                    # reuse until the copy on this stream is done
+                    if t.is_pinned(): pass
+                    elif self.reuse_pinned: t = self._pin(t, used)
+                    else: t = t.pin_memory()
                     t = t.to(self.device, non_blocking=True)
                 out.append(t)
             for ev in used: ev.record(self.stream)  # the pinned buffers may be filled again once their copies are done
@@ -120,10 +124,11 @@ def _pinned_slot(t: torch.Tensor) -> tuple:
 
 
 class DeviceCB(Callback):
-    """Moves the model to `device` before fit and each batch there before the step (a list, so callbacks may
-    assign `learn.batch[0]`). On CUDA, each batch goes through reused pinned buffers and is copied with
-    non_blocking=True on a side stream, so its copy overlaps the step the GPU is still running (`prefetch=False`: a plain
-    copy in before_batch). A loader whose tensors already live on the device is left alone (no per-batch work)."""
+    """Moves the model to `device` before fit and each batch there before the step (a list, so callbacks may assign
+    `learn.batch[0]`). On CUDA, each batch goes through reused pinned buffers (or the loader's own pinned tensors, from
+    a DataLoader with pin_memory=True) and is copied with non_blocking=True on a side stream, so its copy overlaps the
+    step the GPU is still running (`prefetch=False`: a plain copy in before_batch). A loader whose tensors already live
+    on the device is left alone (no per-batch work)."""
     def __init__(self, device=def_device, prefetch: bool = True):
         self.device, self.prefetch, self._resident, self._dl = torch.device(device), prefetch, False, None
 
