@@ -161,8 +161,8 @@ EXTRAS = {'cl': lambda: U.ChannelsLastCB(), 'bf16': lambda: U.MixedPrecisionCB(t
 
 def ultraloop_run(task: str, data, watch: Stopwatch, dev: torch.device, seed: int, recipe: dict) -> None:
     """TrainLearner + DeviceCB over a TensorLoader of the tensors already on the device, Adam, `fit_one_cycle` over
-    `recipe['epochs']` epochs up to `recipe['lr']`, bs `recipe['bs']` (full batches only, so a CUDA graph replays every
-    step), plus the callbacks named in `recipe['extras']`."""
+    `recipe['epochs']` epochs up to `recipe['lr']` (reached after a `recipe['pct']` share of them), bs `recipe['bs']`
+    (full batches only, so a CUDA graph replays every step), plus the callbacks named in `recipe['extras']`."""
     watch.start()
     torch.manual_seed(seed)
     model = mnist1d_cnn() if task == 'mnist1d' else get_model()
@@ -172,7 +172,7 @@ def ultraloop_run(task: str, data, watch: Stopwatch, dev: torch.device, seed: in
                            cbs=[U.DeviceCB(dev), WatchCB(watch), *extras])
     # under CudaGraphCB the graph keeps a device-side lr, but a changing beta1 would be captured anew every step
     cycle = False if 'cudagraph' in recipe['extras'] else None
-    learn.fit_one_cycle(recipe['epochs'], recipe['lr'], cycle_momentum=cycle)
+    learn.fit_one_cycle(recipe['epochs'], recipe['lr'], cycle_momentum=cycle, pct_start=recipe['pct'])
     cg = next((cb for cb in learn.cbs if isinstance(cb, U.CudaGraphCB)), None)
     watch.graph = None if cg is None else {'replays': cg.replays, 'eager_because': cg.reason}
 
@@ -180,14 +180,13 @@ def ultraloop_run(task: str, data, watch: Stopwatch, dev: torch.device, seed: in
 def recipes(dev: torch.device) -> dict:
     """The ultraloop recipe per task and device: the fastest found on each (see bench/README.md, Time to accuracy)."""
     cuda = dev.type == 'cuda'
-    return {'mnist1d': {'bs': 500 if cuda else 250, 'lr': 3e-2, 'epochs': 40 if cuda else 20,
-                        'extras': ['cudagraph'] if cuda else []},
-            'fashion': {'bs': 512 if cuda else 64, 'lr': 1e-2, 'epochs': 3 if cuda else 1,
+    return {'mnist1d': {'bs': 100, 'lr': 3e-2, 'epochs': 15, 'pct': 0.2, 'extras': ['cudagraph'] if cuda else []},
+            'fashion': {'bs': 256 if cuda else 64, 'lr': 2e-2 if cuda else 1e-2, 'epochs': 1, 'pct': 0.25 if cuda else 0.3,
                         'extras': ['cl', 'bf16', 'cudagraph'] if cuda else ['cl']}}
 
 
 def parse_recipe(text: str, base: dict) -> dict:
-    """`bs=512,lr=0.01,epochs=2,extras=cl+bf16` over `base`."""
+    """`bs=512,lr=0.01,epochs=2,pct=0.25,extras=cl+bf16` over `base`; a bad key or extra is a one-line ValueError."""
     r = dict(base)
     for part in filter(None, text.split(',')):
         k, _, v = part.partition('=')
@@ -197,7 +196,7 @@ def parse_recipe(text: str, base: dict) -> dict:
             r[k] = [e for e in v.split('+') if e]
             bad = [e for e in r[k] if e not in EXTRAS]
             if bad: raise ValueError(f'extras {bad} unknown; use any of {"+".join(EXTRAS)}')
-        else: r[k] = float(v) if k == 'lr' else int(v)
+        else: r[k] = float(v) if k in ('lr', 'pct') else int(v)
     return r
 
 
@@ -229,8 +228,9 @@ def table(task_recs: dict, recipes_used: dict, targets: dict) -> str:
             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for task, recs in task_recs.items():
         rp = recipes_used[task]
-        desc = {'hand': hand_desc[task], 'ultraloop': f"ultraloop: Adam one-cycle {rp['lr']:g} over {rp['epochs']} ep, "
-                f"bs {rp['bs']}" + ''.join(f' +{e}' for e in rp['extras'])}
+        ours = (f"ultraloop: Adam one-cycle {rp['lr']:g} (pct {rp['pct']:g}) over {rp['epochs']} ep, bs {rp['bs']}"
+                + ''.join(f' +{e}' for e in rp['extras']))
+        desc = {'hand': hand_desc[task], 'ultraloop': ours}
         med = {}
         for side in ('hand', 'ultraloop'):
             ok = [r for r in recs if r['side'] == side and r['reached']]

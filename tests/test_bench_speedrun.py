@@ -65,7 +65,7 @@ def test_a_bad_recipe_is_one_line_naming_the_fix():
     base = speedrun.recipes(CPU)['fashion']
     got = speedrun.parse_recipe('bs=512,lr=0.02,extras=cl+bf16', base)
     assert got == {**base, 'bs': 512, 'lr': 0.02, 'extras': ['cl', 'bf16']}
-    with pytest.raises(ValueError, match=r"^recipe key 'batch' is not one of bs, lr, epochs, extras; e\.g\. bs=512"):
+    with pytest.raises(ValueError, match=r"^recipe key 'batch' is not one of bs, lr, epochs, pct, extras; e\.g\. bs=512"):
         speedrun.parse_recipe('batch=512', base)
     with pytest.raises(ValueError, match=r"^extras \['fp8'\] unknown; use any of cl\+bf16\+cudagraph\+compile$"):
         speedrun.parse_recipe('extras=fp8', base)
