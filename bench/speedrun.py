@@ -89,11 +89,12 @@ class Stopwatch:
     """Training seconds until the test accuracy first reaches `target`, checked every `every` training samples (at the
     first step boundary at or past each multiple); the evaluation's time is left out. `limit` caps the samples trained.
     Both sides call `start()` before they make the model and `tick(model, n)` after each optimiser step of `n` samples;
-    `tick` says when to stop: the target reached, or the limit."""
+    `tick` says when to stop: the target reached, the limit, or weights no longer finite (`diverged`)."""
 
     def __init__(self, x_test, y_test, target: float, every: int, limit: int, dev: torch.device):
         self.x, self.y, self.target, self.every, self.limit, self.dev = x_test, y_test, target, every, limit, dev
-        self.seconds, self.seen, self.reached, self.checks = 0.0, 0, False, []
+        self.seconds, self.seen, self.reached, self.diverged, self.checks = 0.0, 0, False, False, []
+        self.eval_bs = 2000 if dev.type == 'cuda' else 200  # on the CPU, batches of 2,000 images evaluated 2-3x slower
         self.graph = None  # set by the ultraloop side: CudaGraphCB's replays and why it ran eagerly, if it did
 
     def start(self) -> None:
@@ -103,10 +104,11 @@ class Stopwatch:
         self.seen += n
         if self.seen < self.every * (len(self.checks) + 1) and self.seen < self.limit: return False
         sync(self.dev); self.seconds += time.perf_counter() - self.t0
-        acc = accuracy(model, self.x, self.y)
+        acc = accuracy(model, self.x, self.y, self.eval_bs)
         self.checks.append((self.seen, round(self.seconds, 4), round(acc, 4)))
         self.reached = acc >= self.target
-        if self.reached or self.seen >= self.limit: return True
+        self.diverged = not all(bool(p.isfinite().all()) for p in model.parameters())
+        if self.reached or self.diverged or self.seen >= self.limit: return True
         self.start()  # the evaluation is not counted
         return False
 
@@ -206,14 +208,15 @@ def measure(task: str, data, dev: torch.device, repeats: int, target: float, eve
     hand = hand_mnist1d if task == 'mnist1d' else hand_fashion
     sides = {'hand': lambda w, s: hand(data, w, dev, s), 'ultraloop': lambda w, s: ultraloop_run(task, data, w, dev, s, recipe)}
     x_test, y_test = data[2], data[3]
-    for run in sides.values():  # warm-up: one check's worth of training (allocator, kernels, CUDA context, cuDNN)
-        run(Stopwatch(x_test, y_test, 2.0, every, every, dev), 0)
+    for run in sides.values():  # warm-up, an eighth of a check's samples: allocator, kernels, CUDA context, cuDNN, capture
+        run(Stopwatch(x_test, y_test, 2.0, every, every // 8, dev), 0)
     recs = []
     for r in range(repeats):
         for side in (('hand', 'ultraloop') if r % 2 == 0 else ('ultraloop', 'hand')):
             w = Stopwatch(x_test, y_test, target, every, limit, dev)
             sides[side](w, r)
-            rec = {'task': task, 'side': side, 'repeat': r, 'reached': w.reached, 'seconds': round(w.seconds, 3),
+            rec = {'task': task, 'side': side, 'repeat': r, 'reached': w.reached, 'diverged': w.diverged,
+                   'seconds': round(w.seconds, 3),
                    'samples': w.seen, 'accuracy': w.checks[-1][2], 'target': target, 'checks': len(w.checks)}
             if w.graph: rec.update(w.graph)
             emit(rec); recs.append(rec)
@@ -235,10 +238,12 @@ def table(task_recs: dict, recipes_used: dict, targets: dict) -> str:
         for side in ('hand', 'ultraloop'):
             ok = [r for r in recs if r['side'] == side and r['reached']]
             n = sum(r['side'] == side for r in recs)
+            bad = sum(r['side'] == side and r['diverged'] for r in recs)
             s = [r['seconds'] for r in ok]
             med[side] = statistics.median(s) if s else None
             sp = '' if side == 'hand' or not med['hand'] or not med[side] else _speedup(recs, med)
-            rows.append(f"| {task} | {targets[task]:.0%} | {side} | {desc[side]} | {len(ok)}/{n} | "
+            rows.append(f"| {task} | {targets[task]:.0%} | {side} | {desc[side]} | {len(ok)}/{n}"
+                        + (f' ({bad} diverged)' if bad else '') + ' | '
                         + (f"{med[side]:.2f} | {min(s):.2f}-{max(s):.2f} | {statistics.median(r['samples'] for r in ok):,.0f}"
                            if s else '- | - | -') + f' | {sp} |')
     return '\n'.join(rows)
@@ -288,7 +293,7 @@ def main(argv=None):
             except FileNotFoundError as e:  # the other task's figures still count
                 emit({'task': task, 'skipped': str(e)}); continue
             if a.quick: data = (data[0][:6000], data[1][:6000], data[2][:2000], data[3][:2000])
-            targets[task], every, limit = (0.3 if a.quick else a.fashion_target), len(data[0]) // 5, 5 * len(data[0])
+            targets[task], every, limit = (0.3 if a.quick else a.fashion_target), len(data[0]) // 5, 3 * len(data[0])
         if a.quick and task == 'fashion': used[task]['epochs'] = 1
         data = [t.to(dev) for t in data]
         task_recs[task] = measure(task, data, dev, a.repeats, targets[task], every, limit, used[task], emit)
