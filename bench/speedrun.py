@@ -89,11 +89,14 @@ class Stopwatch:
     """Training seconds until the test accuracy first reaches `target`, checked every `every` training samples (at the
     first step boundary at or past each multiple); the evaluation's time is left out. `limit` caps the samples trained.
     Both sides call `start()` before they make the model and `tick(model, n)` after each optimiser step of `n` samples;
-    `tick` says when to stop: the target reached, the limit, or weights no longer finite (`diverged`)."""
+    `tick` says when to stop: the target reached, the limit, or the run `failed`: weights no longer finite, or the
+    accuracy the same at two checks in a row and at chance (at most 1 / classes + 1 point): a network whose ReLUs all
+    died, which predicts one class for every sample."""
 
     def __init__(self, x_test, y_test, target: float, every: int, limit: int, dev: torch.device):
         self.x, self.y, self.target, self.every, self.limit, self.dev = x_test, y_test, target, every, limit, dev
-        self.seconds, self.seen, self.reached, self.diverged, self.checks = 0.0, 0, False, False, []
+        self.seconds, self.seen, self.reached, self.failed, self.checks = 0.0, 0, False, False, []
+        self.chance = 1 / (int(y_test.max()) + 1) + 0.01
         self.eval_bs = 2000 if dev.type == 'cuda' else 200  # on the CPU, batches of 2,000 images evaluated 2-3x slower
         self.graph = None  # set by the ultraloop side: CudaGraphCB's replays and why it ran eagerly, if it did
 
@@ -107,8 +110,9 @@ class Stopwatch:
         acc = accuracy(model, self.x, self.y, self.eval_bs)
         self.checks.append((self.seen, round(self.seconds, 4), round(acc, 4)))
         self.reached = acc >= self.target
-        self.diverged = not all(bool(p.isfinite().all()) for p in model.parameters())
-        if self.reached or self.diverged or self.seen >= self.limit: return True
+        self.failed = (not all(bool(p.isfinite().all()) for p in model.parameters())
+                       or len(self.checks) > 1 and self.checks[-2][2] == self.checks[-1][2] <= self.chance)
+        if self.reached or self.failed or self.seen >= self.limit: return True
         self.start()  # the evaluation is not counted
         return False
 
@@ -215,7 +219,7 @@ def measure(task: str, data, dev: torch.device, repeats: int, target: float, eve
         for side in (('hand', 'ultraloop') if r % 2 == 0 else ('ultraloop', 'hand')):
             w = Stopwatch(x_test, y_test, target, every, limit, dev)
             sides[side](w, r)
-            rec = {'task': task, 'side': side, 'repeat': r, 'reached': w.reached, 'diverged': w.diverged,
+            rec = {'task': task, 'side': side, 'repeat': r, 'reached': w.reached, 'failed': w.failed,
                    'seconds': round(w.seconds, 3),
                    'samples': w.seen, 'accuracy': w.checks[-1][2], 'target': target, 'checks': len(w.checks)}
             if w.graph: rec.update(w.graph)
@@ -238,12 +242,12 @@ def table(task_recs: dict, recipes_used: dict, targets: dict) -> str:
         for side in ('hand', 'ultraloop'):
             ok = [r for r in recs if r['side'] == side and r['reached']]
             n = sum(r['side'] == side for r in recs)
-            bad = sum(r['side'] == side and r['diverged'] for r in recs)
+            bad = sum(r['side'] == side and r['failed'] for r in recs)
             s = [r['seconds'] for r in ok]
             med[side] = statistics.median(s) if s else None
             sp = '' if side == 'hand' or not med['hand'] or not med[side] else _speedup(recs, med)
             rows.append(f"| {task} | {targets[task]:.0%} | {side} | {desc[side]} | {len(ok)}/{n}"
-                        + (f' ({bad} diverged)' if bad else '') + ' | '
+                        + (f' ({bad} failed)' if bad else '') + ' | '
                         + (f"{med[side]:.2f} | {min(s):.2f}-{max(s):.2f} | {statistics.median(r['samples'] for r in ok):,.0f}"
                            if s else '- | - | -') + f' | {sp} |')
     return '\n'.join(rows)

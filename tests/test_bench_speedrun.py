@@ -44,13 +44,19 @@ def test_stopwatch_checks_at_each_multiple_of_every_and_at_the_limit():
     assert [w.tick(model, 60) for _ in range(2)] == [False, True] and w.reached and w.seen == 120
 
 
-def test_stopwatch_stops_a_run_whose_weights_are_no_longer_finite():
-    model = nn.Linear(3, 3)
-    w = speedrun.Stopwatch(torch.eye(3), torch.arange(3), target=0.9, every=10, limit=100, dev=CPU)
+def test_stopwatch_stops_a_run_that_failed():
+    x, y = torch.eye(10), torch.arange(10)
+    model = nn.Linear(10, 10)
+    with torch.no_grad(): model.weight.copy_(torch.eye(10))  # accuracy 1.0, but the target is unreachable
+    w = speedrun.Stopwatch(x, y, target=2.0, every=10, limit=100, dev=CPU)
     w.start()
-    assert not w.tick(model, 10) and not w.diverged  # checked: not reached, finite
-    with torch.no_grad(): model.bias[1] = float('nan')
-    assert not w.tick(model, 5) and w.tick(model, 5) and w.diverged and not w.reached and w.seen == 20
+    assert not w.tick(model, 10) and not w.failed
+    with torch.no_grad(): model.bias[1] = float('nan')  # no longer finite: stops at the next check
+    assert not w.tick(model, 5) and w.tick(model, 5) and w.failed and not w.reached and w.seen == 20
+    with torch.no_grad(): model.weight.zero_(); model.bias.zero_()  # one class for every sample: accuracy 0.1, chance
+    w = speedrun.Stopwatch(x, y, target=2.0, every=10, limit=100, dev=CPU)
+    w.start()
+    assert [w.tick(model, 10) for _ in range(2)] == [False, True] and w.failed and [c[2] for c in w.checks] == [0.1, 0.1]
 
 
 @pytest.mark.parametrize('task', ['mnist1d', 'fashion'])
