@@ -72,6 +72,10 @@ def test_image_folder_fit_config_predict_evaluate(tmp_path, cli):
     assert len(preds) == 48 and list(preds[0]) == ['id', 'prediction', 'probability']
     right = sum(p['prediction'] == p['id'].split('/')[-2] for p in preds)
     assert right >= 0.8 * 48
+    # one image file: its row, the same as in the folder's predictions
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'imgs/mid/3.png', '--out', 'one.csv')
+    assert r.returncode == 0, r.stderr
+    assert rows(tmp_path / 'one.csv') == [p for p in preds if p['id'] == 'imgs/mid/3.png']
     # evaluate: the same share right over the whole folder, and the confusion matrix counts every image once
     r = cli('evaluate', '--checkpoint', 'run/model.pt', '--data', 'imgs', '--out', 'ev')
     assert r.returncode == 0, r.stderr
@@ -207,12 +211,15 @@ def test_help_documents_every_option(command, capsys):
 def test_bad_data_one_line_exit_2(tmp_path, cli):
     import pandas as pd
     pd.DataFrame({'a': [1, 2], 'b': [0, 1]}).to_csv(tmp_path / 't.csv', index=False)
+    pd.DataFrame({'a': [1, 2, 3], 'f': [1.0, 2.5, 3.0]}).to_csv(tmp_path / 'f.csv', index=False)
     grey_images(tmp_path / 'imgs', n_per_class=2)
     (tmp_path / 'imgs' / 'empty').mkdir()
     cases = [
         (['--data', 't.csv', '--target', 'label'],
          "t.csv has no column 'label'; its columns: a, b (give one of them with --target)"),
         (['--data', 't.csv'], 't.csv is a table: give --target COLUMN, the column to predict (its columns: a, b)'),
+        (['--data', 'f.csv', '--target', 'f'], "f.csv: target column 'f' holds non-integer numbers (2.5); give --task "
+                                               'regression to predict a number, or integer or text class labels'),
         (['--data', 'imgs'], "class folder imgs/empty holds no images (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, "
                              ".tiff); add images of 'empty' or remove the folder"),
         (['--data', 'nothing.csv'], '--data nothing.csv: no such file or folder; give an image folder, a .csv, .parquet, '
@@ -347,7 +354,9 @@ def test_bad_images_one_line_exit_2(tmp_path, cli):
                      '--task regression for a numeric target)'),
              ('broken', 'broken/mid/0.png cannot be read as an image ('),
              ('unseen', 'unseen/valid/green is a class with no training images in unseen/train; add a '
-                        'unseen/train/green folder or remove it')]
+                        'unseen/train/green folder or remove it'),
+             ('one/dark/0.png', 'one/dark/0.png is not a folder of images; give a folder with one sub-folder per class '
+                                '(predict takes one image too)')]
     for data, message in cases:
         r = cli('fit', '--data', data, '--epochs', '1', '--out', 'run')
         assert r.returncode == 2, (data, r.stderr)

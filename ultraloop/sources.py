@@ -195,7 +195,9 @@ def image_folder(path: str | os.PathLike, size: int | None = None, valid_pct: fl
     `max_memory` bytes; else they are decoded again by DataLoader workers each epoch. `info` (from a run's config)
     gives the saved split, classes and statistics instead of computing them."""
     root = Path(path)
-    if not root.is_dir(): raise ValueError(f'{root} is not a folder of images; give a folder with one sub-folder per class')
+    if not root.is_dir():
+        raise ValueError(f'{root} is not a folder of images; give a folder with one sub-folder per class (predict takes '
+                         f'one image too)')
     info = info or {}
     classes = info.get('classes')
     presplit = (root / 'train').is_dir() and (root / 'valid').is_dir()
@@ -305,7 +307,7 @@ def _targets(s, task: str, classes: list | None, where: str) -> tuple[torch.Tens
                              f'needs a numeric target (leave out --task for classification)')
         return torch.tensor(s.to_numpy(dtype='float64'), dtype=torch.float32).unsqueeze(1), None
     if pd.api.types.is_float_dtype(s) and not (s == s.round()).all():
-        raise ValueError(f'{where}: target column {s.name!r} holds non-integer numbers ({s[s != s.round()].iloc[0]!r}); '
+        raise ValueError(f'{where}: target column {s.name!r} holds non-integer numbers ({float(s[s != s.round()].iloc[0]):g}); '
                          f'give --task regression to predict a number, or integer or text class labels')
     labels = [str(int(v)) if _is_numeric(s) else str(v) for v in s]
     if classes is None: classes = _classes_of(sorted(set(labels), key=lambda c: (len(c), c) if _is_numeric(s) else c), where)
@@ -435,7 +437,8 @@ def _builtin(name: str, data_dir) -> Data:
 
 
 def kind_of(spec: str) -> str:
-    """'images', 'table', 'arrays', or the built-in name `spec` is; a path that is none of these is an error."""
+    """'images', 'table', 'arrays', or the built-in name `spec` is; a path that is none of these is an error. One image
+    file is 'images' too (what predict takes; fit needs a folder)."""
     if spec in BUILTIN: return spec
     p = Path(spec)
     if not p.exists():
@@ -445,6 +448,7 @@ def kind_of(spec: str) -> str:
     suffix = p.suffix.lower()
     if suffix in ('.csv', '.parquet', '.pq'): return 'table'
     if suffix in ('.npz', '.pt', '.pth'): return 'arrays'
+    if suffix in IMAGE_SUFFIXES: return 'images'
     raise ValueError(f'--data {spec}: a {suffix or "file without a suffix"} is not data the command reads; give an image '
                      f'folder, a .csv, .parquet, .npz or .pt file')
 
