@@ -174,6 +174,30 @@ def test_npz_arrays_and_a_model_factory_of_yours(tmp_path, cli, monkeypatch):
                                                          '2.bias': (3,)}
 
 
+def test_npz_uint8_images_are_scaled_by_the_models_first_layer(tmp_path, cli):
+    """uint8 (N, C, H, W) arrays stay uint8; the model starts with Normalize holding the training images' statistics,
+    as for an image folder, and predict feeds it the file's arrays the same way."""
+    g = np.random.default_rng(4)
+    y = g.integers(0, 3, 120)
+    x = np.clip(np.array([40, 128, 215])[y][:, None, None, None] + g.normal(0, 20, (120, 1, 8, 8)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / 'img.npz', x=x, y=y)
+    r = cli('fit', '--data', 'img.npz', '--epochs', '4', '--bs', '8', '--lr', '0.01', '--threads', '1', '--out', 'run',
+            '--csv', 'h.csv')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('data: img.npz (96 train, 24 valid, (1, 8, 8), 3 classes), model: cnn')
+    assert float(last_valid(tmp_path / 'h.csv')['accuracy']) >= 0.8  # chance: 1/3
+    from ultraloop.sources import read_toml
+    split = read_toml(tmp_path / 'run' / 'config.toml')['data']['split']
+    train = np.setdiff1d(np.arange(120), split['valid'])
+    sd = torch.load(tmp_path / 'run' / 'model.pt', weights_only=True)
+    pixels = x[train].astype(np.float64) / 255
+    assert sd['normalize.mean'].flatten().tolist() == pytest.approx([pixels.mean()], abs=1e-6)
+    assert sd['normalize.std'].flatten().tolist() == pytest.approx([pixels.std()], abs=1e-6)
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'img.npz', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    assert sum(int(p['prediction']) == t for p, t in zip(rows(tmp_path / 'p.csv'), y)) >= 0.8 * 120
+
+
 def test_mnist1d_small(tmp_path, cli):
     r = cli('fit', '--data', 'mnist1d', '--mnist1d-samples', '600', '--epochs', '6', '--bs', '32', '--threads', '1',
             '--out', 'run', '--csv', 'h.csv')

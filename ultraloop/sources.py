@@ -367,8 +367,9 @@ def _read_arrays(path: Path) -> dict:
 def arrays(path: str | os.PathLike, task: str = 'classification', valid_pct: float = 0.2, seed: int = 0,
            info: dict | None = None) -> Data:
     """An .npz (numpy.savez) or .pt (torch.save of a dict) file with `x` and `y`, and optionally `x_valid` and
-    `y_valid` (else a seeded `valid_pct` share is held out). x is used as it is (as float32); y holds class indices
-    0..C-1 (or numbers with `task='regression'`)."""
+    `y_valid` (else a seeded `valid_pct` share is held out). x is used as it is (as float32), except uint8 images
+    (N, C, H, W), which stay uint8 and are scaled by the model's first layer with the training images' mean and std, as
+    an image folder's are; y holds class indices 0..C-1 (or numbers with `task='regression'`)."""
     path = Path(path)
     d = _read_arrays(path)
     missing = [k for k in ('x', 'y') if k not in d]
@@ -376,12 +377,14 @@ def arrays(path: str | os.PathLike, task: str = 'classification', valid_pct: flo
         raise ValueError(f'{path} holds {", ".join(d) or "nothing"}; it needs arrays named x and y (and optionally both '
                          f'x_valid and y_valid): numpy.savez(path, x=x, y=y)')
     info = info or {}
-    x, y = d['x'].float(), d['y']
+    images = d['x'].dtype == torch.uint8 and d['x'].ndim == 4
+    as_x = (lambda t: t) if images else torch.Tensor.float
+    x, y = as_x(d['x']), d['y']
     for k in ('x', 'y') + (('x_valid', 'y_valid') if 'x_valid' in d else ()):
         if d[k].ndim == 0: raise ValueError(f'{path}: {k} is a single number; it needs one row per sample')
     if len(x) != len(y): raise ValueError(f'{path}: x has {len(x)} rows but y has {len(y)}; give one target per sample')
     if 'x_valid' in d:
-        xv, yv, split = d['x_valid'].float(), d['y_valid'], {'how': 'given'}
+        xv, yv, split = as_x(d['x_valid']), d['y_valid'], {'how': 'given'}
         if xv.shape[1:] != x.shape[1:]:
             raise ValueError(f'{path}: x_valid samples are {tuple(xv.shape[1:])}, x samples {tuple(x.shape[1:])}; '
                              f'make them equal')
@@ -390,6 +393,9 @@ def arrays(path: str | os.PathLike, task: str = 'classification', valid_pct: flo
         x, y, xv, yv = x[t_idx], y[t_idx], x[v_idx], y[v_idx]
         split = info.get('split') or _split_info(len(t_idx) + len(v_idx), v_idx, valid_pct, seed)
     out = {'kind': 'arrays', 'task': task, 'split': split, 'input_shape': list(x.shape[1:])}
+    if images:
+        mean, std = (info['image']['mean'], info['image']['std']) if 'image' in info else _stats([x])
+        out['image'] = {'height': x.shape[2], 'width': x.shape[3], 'mean': mean, 'std': std, 'in_memory': True}
     if task == 'regression':
         y, yv = (t.float().reshape(len(t), -1) for t in (y, yv))
         n_out, classes = y.shape[1], None
