@@ -276,7 +276,7 @@ def test_missing_library_is_a_one_line_error_naming_the_install(monkeypatch):
     with pytest.raises(ImportError, match=r'^MLflowCB needs mlflow: pip install mlflow'): MLflowCB()
 
 
-def test_fit_command_logs_to_csv_tensorboard_wandb_and_mlflow(tmp_path, monkeypatch, mlflow_db):
+def test_fit_command_logs_to_csv_tensorboard_wandb_and_mlflow(tmp_path, monkeypatch, mlflow_db, capsys):
     import csv
 
     from ultraloop.cli import main
@@ -286,6 +286,7 @@ def test_fit_command_logs_to_csv_tensorboard_wandb_and_mlflow(tmp_path, monkeypa
     run = tmp_path / 'run'
     assert main(['fit', '--model', 'mlp', '--epochs', '2', '--threads', '1', '--out', str(run),
                  '--log', 'csv,tensorboard,wandb,mlflow']) == 0
+    told = capsys.readouterr().out.splitlines()[-2:]  # where each tracker's run went
     with open(run / 'history.csv', newline='') as f: rows = list(csv.DictReader(f))
     assert [(r['epoch'], r['train']) for r in rows] == [('0', 'train'), ('0', 'eval'), ('1', 'train'), ('1', 'eval')]
     assert len(list((run / 'tensorboard').glob('events.out.tfevents.*'))) == 1
@@ -303,6 +304,7 @@ def test_fit_command_logs_to_csv_tensorboard_wandb_and_mlflow(tmp_path, monkeypa
     last = {i.key or '/'.join(i.nested_key): json.loads(i.value_json)
             for r in _finished_wandb_records(run_file) if r.WhichOneof('record_type') == 'history' for i in r.history.item}
     assert {k: v for k, v in last.items() if k[:6] in ('train_', 'valid_')} == ml.data.metrics  # each one's last value
+    assert told == [f'WandbCB: {run_file.parent / "files"}', f'MLflowCB: run {ml.info.run_id} on {mlflow_db}']
 
 
 @pytest.mark.parametrize('names, error', [('csv,neptune', "unknown logger 'neptune'; choose from csv,tensorboard,wandb,mlflow"),

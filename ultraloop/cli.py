@@ -553,6 +553,8 @@ def _fit(args) -> int:
     print(f'valid: {_last_valid(learn)}')
     if _main_process(): _save_run(args, learn, out)
     print(f'run folder: {out} (metrics.png)' + (f'; metrics CSV: {args.csv}' if args.csv is not None else ''))
+    for cb in learn.cbs:  # the trackers --log added say where their runs went
+        if getattr(cb, 'where', None) and _main_process(): print(f'{type(cb).__name__}: {cb.where}')
     if args.save is not None:
         _save_weights(learn.model, args.save)
         print(f'weights: {args.save} (torch.load({str(args.save)!r}, weights_only=True) gives the state_dict)')

@@ -103,7 +103,8 @@ def _ended(done: bool) -> str:
 
 class _TrackerCB(Callback):
     """What WandbCB and MLflowCB share: hyper-parameters at fit start, each phase's row, each training batch's loss once
-    per train phase, the metrics plot and optionally a checkpoint at fit end; only the main process logs."""
+    per train phase, the metrics plot and optionally a checkpoint at fit end; only the main process logs. `where` says
+    where the last fit's run went (a URL, a folder, or an MLflow run id and store), for the command to print."""
     order = 60  # after CheckpointCB (50): a checkpoint written as the fit ends is handed over before the run closes
     lr_find_sits_out = True  # a record outside the learner: lr_find's growing lr would land in it
 
@@ -112,6 +113,7 @@ class _TrackerCB(Callback):
             raise TypeError(f'{self.name}: log_checkpoints must be True or False, got {log_checkpoints!r}')
         self.log_checkpoints = log_checkpoints
         self._on, self._best, self._last, self._done = False, None, None, False
+        self.where: str | None = None
 
     def before_fit(self, learn):
         _need_metrics(self, learn)
@@ -163,6 +165,7 @@ class WandbCB(_TrackerCB):
         self.run = (wandb.init(project=self.project, name=self.run_name, config=self.config, **self.init_kwargs)
                     if self._owned else wandb.run)
         self.run.config.update({**hp, **self.config}, allow_val_change=True)
+        self.where = self.run.url or self.run.dir  # offline: no url, the run's files
         self.run.define_metric('epoch')
         self.run.define_metric('batch')
         self.run.define_metric('train_batch_loss', step_metric='batch')
@@ -217,6 +220,7 @@ class MLflowCB(_TrackerCB):
                 found = self.client.get_experiment_by_name(self.experiment)
                 exp = found.experiment_id if found is not None else self.client.create_experiment(self.experiment)
             self.run_id = self.client.create_run(exp, run_name=self.run_name).info.run_id
+        self.where = f'run {self.run_id} on {self.tracking_uri or mlflow.get_tracking_uri()}'
         had = self.client.get_run(self.run_id).data.params  # a run's params cannot change: an open run keeps its own
         hp = {**hp, **self.params}
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in hp.items() if k not in had])
