@@ -114,6 +114,26 @@ def test_csv_table_with_unbalanced_classes_shows_balanced_accuracy(tmp_path, cli
     assert sum(p['prediction'] == t for p, t in zip(preds, label)) >= 0.85 * 300
 
 
+def test_wide_table_gets_the_mlp_and_a_text_column_of_ids_a_warning(tmp_path, cli):
+    """--model auto takes the MLP for a table however many columns it has (a 1-D CNN for 40 or more would convolve
+    over an order the columns do not have), and predict rebuilds the same; a text column with nearly one value per
+    row (here dates) is one-hot into as many inputs, which the command warns of in one line."""
+    import pandas as pd
+    g = np.random.default_rng(5)
+    x1 = g.normal(size=120)
+    pd.DataFrame({'x1': x1, 'when': pd.date_range('2020-01-01', periods=120).astype(str),
+                  'label': np.where(x1 > 0, 'up', 'down')}).to_csv(tmp_path / 'w.csv', index=False)
+    r = cli('fit', '--data', 'w.csv', '--target', 'label', '--epochs', '1', '--threads', '1', '--out', 'run')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('data: w.csv (96 train, 24 valid, (97,), 2 classes), model: mlp')
+    assert r.stderr.splitlines() == ["ultraloop: warning: table column 'when' holds 96 distinct text values in 96 training "
+                                     "rows, each one-hot as an input of its own (an id, a date or free text?); drop the "
+                                     "column or give it as numbers"]
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'w.csv', '--out', 'p.csv')
+    assert r.returncode == 0, r.stderr
+    assert len(rows(tmp_path / 'p.csv')) == 120
+
+
 def test_parquet_table_regression(tmp_path, cli):
     import pandas as pd
     x1, x2, colour = features(seed=1)

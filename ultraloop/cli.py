@@ -314,7 +314,7 @@ def _model(model_name: str, info: dict, pretrained=None):
     img, ts = info.get('image'), info.get('target_stats')
     return build_model(model_name, info['input_shape'], info['n_out'],
                        normalize=Normalize(img['mean'], img['std']) if img else None,
-                       rescale=Rescale(ts['mean'], ts['std']) if ts else None, pretrained=pretrained)
+                       rescale=Rescale(ts['mean'], ts['std']) if ts else None, pretrained=pretrained, kind=info.get('kind'))
 
 
 def _run_dir(args, command: str) -> Path:
@@ -370,7 +370,8 @@ def _learner(args, model_name: str, opt_name: str, precision: str, bs: int):
         cbs.append(MixedPrecisionCB(dtype=torch.bfloat16 if precision == 'bf16' else torch.float16))
     print(f'data: {args.data} ({len(data.x_train):,} train, {len(data.x_valid):,} valid, {tuple(data.input_shape)}'
           + (f', {data.n_out} classes' if data.classes is not None and data.info['kind'] not in _TEN_DIGITS else '')
-          + f'), model: {resolve_model(model_name, data.input_shape)}, opt: {opt_name}, device: {device}, precision: {precision}')
+          + f'), model: {resolve_model(model_name, data.input_shape, data.info["kind"])}, opt: {opt_name}, device: {device}, '
+          + f'precision: {precision}')
     loss = F.mse_loss if data.task == 'regression' else F.cross_entropy
     return Learner(model, dls, loss, lr=DEFAULT_LR[opt_name], cbs=cbs, opt_func=opt_func)
 
@@ -765,6 +766,11 @@ def _with_config(parser, argv, args):
     return new
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning during a command, as one line like its errors (Python's own format adds the file and the code line)."""
+    print(f'ultraloop: warning: {" ".join(str(message).split())}', file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `ultraloop` command; returns the exit code (2 for bad arguments or data, with a one-line message).
     Only the errors a user can cause (ValueError, TypeError, OSError) are shortened to a line, and `--debug` shows
@@ -776,7 +782,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ('fit', 'lr-find') and args.config is not None:
             args = _with_config(parser, argv, args)
             args.argv = sys.argv[1:] if argv is None else list(argv)
-        with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.nullcontext() if _main_process() else contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.showwarning = _warn_in_one_line
             return args.run(args)  # under torchrun only the main process prints
     except (ValueError, TypeError, OSError) as e:  # bad values, missing or unwritable files: the user can fix these
         if args.debug: raise

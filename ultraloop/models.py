@@ -105,22 +105,26 @@ def _timm(name: str, shape: tuple, n_out: int, pretrained: str | os.PathLike | N
     return timm.create_model(name, pretrained=False, **kw)
 
 
-def resolve_model(spec: str, input_shape: Sequence[int]) -> str:
-    """The built-in model 'auto' stands for with samples of `input_shape`: cnn for images and for signals of 40 or more
-    steps (MNIST-1D), else mlp (tables, short vectors). Other names are returned as they are."""
+def resolve_model(spec: str, input_shape: Sequence[int], kind: str | None = None) -> str:
+    """The built-in model 'auto' stands for with samples of `input_shape`: mlp for a table (`kind` 'table', whatever
+    its number of columns), cnn for images and for signals of 40 or more steps (MNIST-1D), else mlp (short vectors).
+    Other names are returned as they are."""
     if spec != 'auto': return spec
+    if kind == 'table': return 'mlp'  # its columns have no order a convolution could use
     shape = tuple(input_shape)
     return 'cnn' if len(shape) == 3 or (len(shape) in (1, 2) and shape[-1] >= 40) else 'mlp'
 
 
 def build_model(spec: str, input_shape: Sequence[int], n_out: int, normalize: nn.Module | None = None,
-                rescale: nn.Module | None = None, pretrained: str | os.PathLike | None = None) -> nn.Module:
+                rescale: nn.Module | None = None, pretrained: str | os.PathLike | None = None,
+                kind: str | None = None) -> nn.Module:
     """The model `spec` names for samples of `input_shape` and `n_out` outputs: 'auto' (cnn for images and signals
     of 40 or more steps, else mlp), 'cnn' (the seed's CNN for images, `cnn1d` for 1-D data), 'mlp', 'timm:NAME', or
     'module:function' called as function(n_in, n_out) with n_in the channels of images, else the first size of a
-    sample. `normalize` goes first and `rescale` last when given (nn.Sequential with names normalize, net, rescale)."""
+    sample. `normalize` goes first and `rescale` last when given (nn.Sequential with names normalize, net, rescale).
+    `kind` is the data's ('table', 'images', ...), for 'auto'."""
     shape = tuple(int(s) for s in input_shape)
-    spec = resolve_model(spec, shape)
+    spec = resolve_model(spec, shape, kind)
     if spec.startswith('timm:'): net = _timm(spec[5:], shape, n_out, pretrained)
     elif ':' in spec: net = _factory(spec)(shape[0], n_out)
     else:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +292,11 @@ def _table_prep(df, target: str) -> dict:
     mean, std = x.mean().fillna(0.0), x.std(ddof=0).fillna(1.0)
     std = std.where(std > 0, 1.0)
     cat = {str(c): sorted(df[c].dropna().astype(str).unique().tolist()) for c in cols if c not in num}
+    for c, values in cat.items():
+        if len(values) > 50 and len(values) > len(df) / 2:  # an id, a date, free text: nearly one input per row
+            warnings.warn(f'table column {c!r} holds {len(values)} distinct text values in {len(df)} training rows, each '
+                          f'one-hot as an input of its own (an id, a date or free text?); drop the column or give it as '
+                          f'numbers', stacklevel=4)
     return {'numeric': {'names': [str(c) for c in num], 'mean': [float(v) for v in mean], 'std': [float(v) for v in std]},
             'categorical': cat}
 
