@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -108,9 +109,10 @@ class CudaGraphCB(Callback):
         self.reason: str | None = None  # why the last fit ran eagerly; None: it used the graph
         self.replays = 0  # batches the graph ran, over the last fit
         self.captures = 0  # graphs captured, over the last fit
+        self._switched = self._saving = self._opt = None  # what cleanup_fit undoes, also after a fit that failed early
 
     def before_fit(self, learn):
-        self.graph, self.replays, self.captures, self._warm, self._switched = None, 0, 0, 0, None
+        self.graph, self.replays, self.captures, self._warm, self._switched, self._saving = None, 0, 0, 0, None, None
         self._eager = type(learn).train_step  # the one train step: what eager batches run and what the graph records
         self.reason = _graph_blocker(learn, self)
         self._main = learn.is_main  # one process says why it trains eagerly
@@ -122,6 +124,10 @@ class CudaGraphCB(Callback):
                       if getattr(cb, 'cuda_graph_host_after_step', False)]
         self._opt = opt = _unwrap(learn.opt)
         self._switched = _make_capturable(opt)
+        # a checkpoint taken during the fit holds the user's flags, not the fit's: resumed without a graph (or on the
+        # CPU, which refuses capturable), it must not step as capturable
+        self._saving = opt.register_state_dict_post_hook(partial(_as_the_user_had_it, self._switched)) \
+            if self._switched else None
         self._seen, self._moving, self._hypers = _numbers(opt), set(), None
 
     def before_epoch(self, learn): self._recaptures = 0
@@ -159,7 +165,8 @@ class CudaGraphCB(Callback):
     def cleanup_fit(self, learn):
         self.graph = self._static = self._preds = self._loss = self._hypers = None  # frees the graph's memory
         if self._switched is not None: _restore_flags(self._opt, self._switched)  # the user's optimiser as it was
-        self._switched = self._opt = None
+        if self._saving is not None: self._saving.remove()
+        self._switched = self._opt = self._saving = None
 
     def _capture(self, learn, b) -> bool:
         if not (isinstance(b, list) and all(isinstance(t, torch.Tensor) for t in b)):
@@ -307,6 +314,20 @@ def _make_capturable(opt) -> list:
         g['capturable'] = True
         _move_steps(opt, g, None)  # state from an earlier eager fit: its step counts move to the parameters' device
     return switched
+
+
+def _as_the_user_had_it(switched: list, opt, sd: dict) -> dict:
+    """An optimiser state dict taken while CudaGraphCB ran it capturable, as the user's optimiser has it: the switched
+    groups not capturable, their step counts on the CPU (copies: the live state is left alone)."""
+    ids = {id(g) for g in switched}
+    for g, saved in zip(opt.param_groups, sd['param_groups']):
+        if id(g) not in ids: continue
+        saved['capturable'] = False
+        if g.get('fused'): continue
+        for n in saved['params']:
+            st = sd['state'].get(n)
+            if st and isinstance(st.get('step'), torch.Tensor): sd['state'][n] = {**st, 'step': st['step'].to('cpu')}
+    return sd
 
 
 def _restore_flags(opt, switched: list) -> None:
