@@ -304,7 +304,8 @@ def test_cuda_graph_keeps_one_graph_under_fit_one_cycle_with_adam_reading_lr_and
 def test_a_checkpoint_taken_under_the_graph_holds_the_users_optimiser_flags(monkeypatch, tmp_path):
     """CudaGraphCB runs Adam capturable for the fit; a checkpoint written meanwhile holds the user's flag (not capturable,
     step counts on the CPU), so it resumes without a graph, on a CPU (which refuses capturable), exactly as the eager
-    run goes on, and the live optimiser keeps running capturable until the fit ends."""
+    run goes on, and the live optimiser keeps running capturable until the fit ends. Resumed under the graph, the
+    loaded flags are switched again (the state is loaded after before_fit) and one graph serves the rest."""
     from ultraloop import CheckpointCB
     adam_on_the_cpu_as_on_a_gpu(monkeypatch)
     dls = lambda: DataLoaders.from_tensors(*toy_data(192, 32), bs=16, shuffle=False)
@@ -321,13 +322,21 @@ def test_a_checkpoint_taken_under_the_graph_holds_the_users_optimiser_flags(monk
     sd = torch.load(tmp_path / 'ck' / 'checkpoint-000000-epoch0-train6.pt', weights_only=False)['opt']
     assert [g['capturable'] for g in sd['param_groups']] == [False]
     assert {st['step'].device.type for st in sd['state'].values()} == {'cpu'}
+    ref = TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam)
+    ref.fit(1)
+    graph = TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam)
+    live.clear()
+    fake, cb = with_fake_graphs(monkeypatch, graph), CudaGraphCB()
+    graph.fit(1, cbs=[cb, Flags(), CheckpointCB(tmp_path / 'ck2')], resume=tmp_path / 'ck' / 'checkpoint-000000-epoch0-train6.pt')
+    assert (cb.reason, cb.replays, fake.captures, set(live)) == (None, 3, 1, {True})  # batches 7-9 warm-up, 10-12 replayed
+    assert graph.opt.param_groups[0]['capturable'] is False
+    assert_same([p.detach() for p in graph.model.parameters()], [p.detach() for p in ref.model.parameters()],
+                rtol=1e-5, atol=5e-6)
     monkeypatch.undo()  # a plain CPU machine again: capturable=True would refuse to step here
     again = TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam,
                          cbs=[CheckpointCB(tmp_path / 'ck')])
     again.fit(1, resume=tmp_path / 'ck' / 'checkpoint-000000-epoch0-train6.pt')
     assert again.opt.param_groups[0]['capturable'] is False
-    ref = TrainLearner(toy_model(), dls(), F.cross_entropy, lr=0.01, opt_func=torch.optim.Adam)
-    ref.fit(1)
     assert_same([p.detach() for p in again.model.parameters()], [p.detach() for p in ref.model.parameters()],
                 rtol=1e-5, atol=5e-6)
 

@@ -123,11 +123,10 @@ class CudaGraphCB(Callback):
         self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
                       if getattr(cb, 'cuda_graph_host_after_step', False)]
         self._opt = opt = _unwrap(learn.opt)
-        self._switched = _make_capturable(opt)
+        self._switched = _make_capturable(opt, set())
         # a checkpoint taken during the fit holds the user's flags, not the fit's: resumed without a graph (or on the
         # CPU, which refuses capturable), it must not step as capturable
-        self._saving = opt.register_state_dict_post_hook(partial(_as_the_user_had_it, self._switched)) \
-            if self._switched else None
+        self._saving = opt.register_state_dict_post_hook(partial(_as_the_user_had_it, self._switched))
         self._seen, self._moving, self._hypers = _numbers(opt), set(), None
 
     def before_epoch(self, learn): self._recaptures = 0
@@ -135,6 +134,8 @@ class CudaGraphCB(Callback):
     def train_step(self, learn):
         if self.reason is not None: return self._eager(learn)
         if self._warm < self.warmup:  # eager, on the side stream the graph will be captured on
+            # a resume loads the optimiser's state after before_fit, with the user's flags and its own param groups
+            if self._warm == 0: _make_capturable(self._opt, self._switched)
             self._warm += 1
             self._moving |= _changed(self._seen, _numbers(self._opt))
             learn.preds = learn.loss = None  # the last step's autograd graph, made on another stream, is let go
@@ -304,24 +305,26 @@ class _DeviceHypers:
             for (i, k), v in saved.items(): self.groups[i][k] = v
 
 
-def _make_capturable(opt) -> list:
+def _make_capturable(opt, switched: set) -> set:
     """Adam and the other optimisers with `capturable` run it for the fit (a capture needs their step count on the
-    device, and their step reads a tensor lr or beta1 only then). Returns the groups switched, to switch back at fit end."""
-    switched = [g for g in opt.param_groups if g.get('capturable') is False]
+    device, and their step reads a tensor lr or beta1 only then). Adds the indices of the groups it switched to
+    `switched` (to switch back at fit end) and returns it."""
+    now = [i for i, g in enumerate(opt.param_groups) if g.get('capturable') is False]
     # torch warns once when a capturable step runs without a capture: the eager warm-up steps do, on purpose
-    if switched: opt._warned_capturable_if_run_uncaptured = True
-    for g in switched:
+    if now: opt._warned_capturable_if_run_uncaptured = True
+    for i in now:
+        g = opt.param_groups[i]
         g['capturable'] = True
         _move_steps(opt, g, None)  # state from an earlier eager fit: its step counts move to the parameters' device
+    switched.update(now)
     return switched
 
 
-def _as_the_user_had_it(switched: list, opt, sd: dict) -> dict:
+def _as_the_user_had_it(switched: set, opt, sd: dict) -> dict:
     """An optimiser state dict taken while CudaGraphCB ran it capturable, as the user's optimiser has it: the switched
     groups not capturable, their step counts on the CPU (copies: the live state is left alone)."""
-    ids = {id(g) for g in switched}
-    for g, saved in zip(opt.param_groups, sd['param_groups']):
-        if id(g) not in ids: continue
+    for i, (g, saved) in enumerate(zip(opt.param_groups, sd['param_groups'])):
+        if i not in switched: continue
         saved['capturable'] = False
         if g.get('fused'): continue
         for n in saved['params']:
@@ -330,8 +333,9 @@ def _as_the_user_had_it(switched: list, opt, sd: dict) -> dict:
     return sd
 
 
-def _restore_flags(opt, switched: list) -> None:
-    for g in switched:
+def _restore_flags(opt, switched: set) -> None:
+    for i in switched:
+        g = opt.param_groups[i]
         g['capturable'] = False
         if not g.get('fused'): _move_steps(opt, g, 'cpu')  # where torch keeps them when not capturable
 
