@@ -112,6 +112,12 @@ def test_csv_table_with_unbalanced_classes_shows_balanced_accuracy(tmp_path, cli
     preds = rows(tmp_path / 'p.csv')
     assert [p['id'] for p in preds] == [str(i) for i in range(300)]
     assert sum(p['prediction'] == t for p, t in zip(preds, label)) >= 0.85 * 300
+    # a table without one of the model's columns: one line naming the file, the column and the columns it has
+    pd.DataFrame({'x1': x1, 'colour': colour}).to_csv(tmp_path / 'less.csv', index=False)
+    r = cli('predict', '--checkpoint', 'run/model.pt', '--data', 'less.csv', '--out', 'q.csv')
+    assert (r.returncode, r.stderr) == (2, "ultraloop: error: less.csv lacks column 'x2' the model was trained on (its "
+                                           "columns: x1, colour) (run with --debug for the traceback)\n")
+    assert not (tmp_path / 'q.csv').exists()
 
 
 def test_wide_table_gets_the_mlp_and_a_text_column_of_ids_a_warning(tmp_path, cli):

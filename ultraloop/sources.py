@@ -264,14 +264,14 @@ def _is_numeric(s) -> bool:
     return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
 
 
-def _features(df, prep: dict) -> torch.Tensor:
+def _features(df, prep: dict, where: str = 'the table') -> torch.Tensor:
     """The feature matrix: numeric columns standardised by the saved mean and std (a missing value becomes the mean,
     0), then each categorical column one-hot over its saved categories (an unseen one is all zeros)."""
     import numpy as np
     num, cat = prep['numeric'], prep['categorical']
     missing = [c for c in [*num['names'], *cat] if c not in df.columns]
     if missing:
-        raise ValueError(f'the table lacks column {missing[0]!r} the model was trained on (its columns: '
+        raise ValueError(f'{where} lacks column {missing[0]!r} the model was trained on (its columns: '
                          f'{", ".join(map(str, df.columns))})')
     parts = []
     if num['names']:
@@ -514,7 +514,7 @@ def load_inputs(spec: str, info: dict, labelled: bool) -> tuple[object, torch.Te
     if kind == 'table':
         df = _read_table(p)
         tgt = info['target']
-        x = _features(df, info['table'])
+        x = _features(df, info['table'], str(p))
         y = None
         if tgt in df.columns: y, _ = _targets(df[tgt], info['task'], info.get('classes'), str(p))
         elif labelled:
