@@ -23,8 +23,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"; cd "$root"
 start=$SECONDS
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
-# limit CAP: the stage's time limit, CAP or what is left of $T_TOTAL, whichever is less
-limit() { local left=$(( ${T_TOTAL:-480} - (SECONDS - start) )); echo $(( $1 < left ? $1 : left )); }
+# limit CAP: the stage's time limit, CAP or what is left of $T_TOTAL (at least 1 s), whichever is less
+limit() { local left=$(( ${T_TOTAL:-480} - (SECONDS - start) )); left=$(( left < 1 ? 1 : left )); echo $(( $1 < left ? $1 : left )); }
 # gpu_bench NAME LIMIT ARGS...: bench/gpu.py --profile ARGS; its lines in OUT/NAME.jsonl, the tables in
 # OUT/profiles[_NAME].txt, the Chrome traces in OUT/traces[_NAME].tgz (no suffix for NAME bench)
 gpu_bench() {

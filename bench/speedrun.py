@@ -275,6 +275,9 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help='small data, low targets, one repeat: checks that every path runs')
     a = p.parse_args(argv)
     dev = torch.device(a.device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {a.device}: this torch ({torch.__version__}) sees no CUDA device; run it on a GPU machine, or '
+                f'with --device cpu')
     if dev.type == 'cpu' and a.threads: torch.set_num_threads(a.threads)
     if a.quick: a.repeats = 1
     stamp = {'device': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine(),
