@@ -153,3 +153,6 @@ if __name__ == '__main__':
         rank = int(os.environ['RANK'])
         res = {'dist': dist(out, rank), 'acc': dist(out, rank, accelerate=True)}
         (out / f'dist-rank{rank}.json').write_text(json.dumps(res))
+        import torch.distributed
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # accelerate's group, left to the interpreter's exit, can abort it
