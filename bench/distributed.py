@@ -7,7 +7,8 @@ shared permutation: ultraloop as `Learner + TrainCB + DistributedCB` (+ DeviceCB
 as `DistributedDataParallel` over index slices. Train epochs alternate in ABBA order between the two sides, each
 timed between barriers; rank 0 prints one JSON line per set-up: samples/s over all processes for each side and the
 median of the per-pair ratios ultraloop / hand-written (goal on a GPU: <= 1.05).
-Run: `python bench/distributed.py [--epochs 9] [--samples 32768] [--bs 64]`.
+Run: `python bench/distributed.py [--epochs 9] [--samples 32768] [--bs 64] [--cuda-only]`. With one GPU the nccl set-up is
+one process: DDP's own cost against a hand-written DDP loop (two processes sharing one GPU would measure nothing).
 """
 from __future__ import annotations
 
@@ -135,9 +136,12 @@ def main() -> None:
     p.add_argument('--bs', type=int, default=64, help='batch size per process (default: 64)')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--cpu', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--cuda-only', action='store_true', help='only the nccl set-up, one process per GPU (gpu_check.sh)')
     args = p.parse_args()
     if args.worker: return worker(args)
-    for n_proc in (1, 2): launch(n_proc, True, args)
+    if args.cuda_only and not torch.cuda.is_available(): p.error('--cuda-only: this torch sees no CUDA device')
+    if not args.cuda_only:
+        for n_proc in (1, 2): launch(n_proc, True, args)
     if torch.cuda.is_available(): launch(torch.cuda.device_count(), False, args)
 
 

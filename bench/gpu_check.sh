@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one call: the tests that skip without CUDA, fit_one_cycle under CudaGraphCB, the
 # GPU-bound case (a ResNet-18-like net fed from a host DataLoader against the data already on the GPU, with a profile),
-# time to accuracy (bench/speedrun.py: FashionMNIST from data/ where its IDX files are there, MNIST-1D made locally), the
-# GPU benchmark (every case, bs 64 and 512, the peers where a peer harness is found, profiles) and the whole suite.
+# time to accuracy (bench/speedrun.py: FashionMNIST from data/ where its IDX files are there, MNIST-1D made locally),
+# DistributedCB on nccl, the GPU benchmark (every case, bs 64 and 512, the peers where a harness is found, profiles) and
+# the whole suite.
 #
 #   bash bench/gpu_check.sh OUT [STAGES] [N]
 #     OUT     folder for the logs, the benchmarks' JSON lines, profiles*.txt and the Chrome traces (traces*.tgz)
-#     STAGES  any of: tests onecycle bound speedrun bench suite dist (default: tests onecycle bound speedrun suite;
-#             onecycle: fit_one_cycle under CudaGraphCB, its GPU tests, its timing against a constant lr and a probe)
+#     STAGES  any of: tests onecycle bound speedrun dist bench suite (default: tests onecycle bound speedrun dist
+#             suite; onecycle: fit_one_cycle under CudaGraphCB, its GPU tests, its timing against a constant lr and a
+#             probe; dist: nccl only, one process per GPU against a hand-written DDP loop)
 #     N       train samples for the benchmark (default 30000; valid is N / 5)
 # Uses $PYTHON (default python3); puts the project root on PYTHONPATH. $BENCH_ARGS, $BOUND_ARGS, $SPEEDRUN_ARGS: more
 # options for bench/gpu.py, bench/gpu.py --bound and bench/speedrun.py; $T_TESTS, $T_ONECYCLE, $T_BOUND, $T_SPEEDRUN,
-# $T_BENCH, $T_SUITE: each stage's time limit in seconds (180, 240, 150, 150, 420, 300). $T_TOTAL (default 480): the
-# whole script's; each stage gets at most what is left of it, and a stage that would get under 30 s is skipped, saying
-# so. On an H200 the default stages should take about 7.5 minutes (estimated: tests 1.5, onecycle 1, bound 1,
-# speedrun 2.5, suite 1.5); bench (about 3) is for a second call.
+# $T_DIST, $T_BENCH, $T_SUITE: each stage's time limit in seconds (180, 240, 150, 150, 120, 420, 300). $T_TOTAL
+# (default 480): the whole script's; each stage gets at most what is left of it, and a stage that would get under 30 s
+# is skipped, saying so. On an H200 the default stages should take about 8 minutes (estimated: tests 1.5, onecycle 1,
+# bound 1, speedrun 2.5, dist 0.5, suite 1.5, the last to be cut short); bench (about 3) is for a second call.
 set -u
-out=${1:?usage: bash bench/gpu_check.sh OUT [STAGES] [N]}; stages=${2:-tests onecycle bound speedrun suite}; n=${3:-30000}
+out=${1:?usage: bash bench/gpu_check.sh OUT [STAGES] [N]}; stages=${2:-tests onecycle bound speedrun dist suite}; n=${3:-30000}
 py=${PYTHON:-python3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,7 +41,7 @@ gpu_bench() {
   nproc; } | tee "$out/env.txt"
 for stage in $stages; do
   case $stage in
-    tests) cap=${T_TESTS:-180} ;; bound) cap=${T_BOUND:-150} ;; bench) cap=${T_BENCH:-420} ;; dist) cap=180 ;;
+    tests) cap=${T_TESTS:-180} ;; bound) cap=${T_BOUND:-150} ;; bench) cap=${T_BENCH:-420} ;; dist) cap=${T_DIST:-120} ;;
     suite) cap=${T_SUITE:-300} ;; onecycle) cap=${T_ONECYCLE:-240} ;; speedrun) cap=${T_SPEEDRUN:-150} ;;
     *) echo "gpu_check.sh: unknown stage '$stage'; use tests, onecycle, bound, speedrun, bench, suite or dist"; exit 2 ;;
   esac
@@ -65,7 +67,7 @@ for stage in $stages; do
       timeout "$t" "$py" bench/speedrun.py --device cuda ${SPEEDRUN_ARGS:-} 2>&1 | tee "$out/speedrun.log" | tail -12 ;;
     dist)
       stamp "bench/distributed.py"
-      timeout "$t" "$py" bench/distributed.py 2>&1 | tee "$out/distributed.jsonl" | tail -8 ;;
+      timeout "$t" "$py" bench/distributed.py --cuda-only 2>&1 | tee "$out/distributed.jsonl" | tail -8 ;;
     suite)  # the whole suite, with the GPU visible, spread over the cores (pytest-xdist) where it is installed
       stamp "whole suite"
       x=(); "$py" -c 'import xdist' 2>/dev/null && x=(-n 8)
