@@ -146,3 +146,25 @@ esac
         assert r.returncode == 1 and pips[-1] == 'python -m pip install -q torchvision==0.28.0+cpu'  # no timm, no PyPI's
         assert r.stderr.startswith('torchvision: neither https://download.pytorch.org/whl/cpu nor pip\'s configured sources '
                                    'have torchvision==0.28.0+cpu for this CPU torch; PyPI\'s torchvision is CUDA-built')
+
+
+def test_gpu_check_runs_its_stages_in_order_within_one_time_budget(tmp_path):
+    """bench/gpu_check.sh, the one call a GPU machine gets, with a stand-in python that notes what it is asked to run:
+    each stage's commands with their time limits, a stage left under 30 s of T_TOTAL skipped with a line saying so,
+    and an unknown stage refused naming the choices."""
+    calls = tmp_path / 'calls'
+    py = fake_bin(tmp_path, 'python', f'echo "$*" >> {calls}\ncase "$*" in *host_sync*) sleep 3 ;; esac')
+    env = {**os.environ, 'PYTHON': str(py / 'python'), 'T_TOTAL': '32'}
+    r = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu_check.sh'), str(tmp_path / 'out'), 'speedrun tests onecycle'],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[1:] == ['bench/speedrun.py --device cuda',
+                         "-m pytest -q -p no:cacheprovider -rs -k cuda or gpu or host_sync tests"]  # [0]: env.txt's
+    assert re.search(r'== \d\d:\d\d:\d\d skipped onecycle: (2[0-9]) s left of T_TOTAL=32\n== \d\d:\d\d:\d\d done\n$',
+                     r.stdout), r.stdout
+    assert (tmp_path / 'out' / 'speedrun.log').is_file() and (tmp_path / 'out' / 'gpu_tests.log').is_file()
+    r = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu_check.sh'), str(tmp_path / 'out'), 'nosuch tests'],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and r.stdout.endswith("gpu_check.sh: unknown stage 'nosuch'; use tests, onecycle, bound, "
+                                                   "speedrun, bench, suite or dist\n")
