@@ -168,7 +168,10 @@ def test_resume_with_other_callbacks_names_the_mismatch(tmp_path):
     learn.fit(1)
     with pytest.raises(ValueError, match=r'saved with the stateful callbacks \[Quiet, CheckpointCB\], this learner has '
                                          r'\[Quiet, EarlyStoppingCB, CheckpointCB\]: callback 2 is CheckpointCB there and '
-                                         r'EarlyStoppingCB here'):
+                                         r'EarlyStoppingCB here; resume with the callbacks it was saved with, in the '
+                                         r'same order, or start a new run, in a new checkpoint folder, from its weights: '
+                                         r'learn.load_state\(path, weights_only=True\) or ultraloop fit --init-from '
+                                         r'CHECKPOINT$'):
         make(cbs=[EarlyStoppingCB()], ckdir=tmp_path).fit(2, resume=tmp_path)
 
 

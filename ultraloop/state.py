@@ -403,7 +403,7 @@ def check_state(learn, sd, what: str) -> None:
         at = lambda names: names[i] if i < len(names) else 'nothing'
         raise ValueError(f'{what} was saved with the stateful callbacks [{", ".join(saved)}], this learner has '
                          f'[{", ".join(here)}]: callback {i + 1} is {at(saved)} there and {at(here)} here; '
-                         f'resume with the callbacks it was saved with, in the same order')
+                         f'resume with the callbacks it was saved with, in the same order, {_NEW_RUN}')
 
 
 # ---- what a resumed run must keep: recorded in each state, checked before a state changes anything -------------------
