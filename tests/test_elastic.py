@@ -25,6 +25,8 @@ from conftest import assert_same
 from dist_child import captured
 from test_distributed import env, free_port, torchrun
 
+from ultraloop.state import _tensors  # every tensor of a nested state, in the order the state keeps
+
 CHILD = Path(child.__file__)
 TIMEOUT = 300  # a launch that has not ended by then hangs
 BOUND = 60  # seconds from a kill to the end of a job with no restarts left
@@ -133,21 +135,12 @@ def close(got: dict, want: dict, where: str) -> None:
     optimiser state and losses within TOL."""
     assert got['lrs'] == want['lrs'], where
     for k in ('model', 'opt'):
-        a = [t for t in _tensors(got[k])]
-        b = [t for t in _tensors(want[k])]
+        a, b = list(_tensors(got[k])), list(_tensors(want[k]))
         assert len(a) == len(b) and all(x.shape == y.shape and (x - y).abs().max() < TOL for x, y in zip(a, b)), (where, k)
     assert len(got['history']) == len(want['history']), where
     for g, w in zip(got['history'], want['history']):
         assert {k: v for k, v in g.items() if k != 'loss'} == {k: v for k, v in w.items() if k != 'loss'}, where
         assert abs(float(g['loss']) - float(w['loss'])) < TOL, where
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor): yield x
-    elif isinstance(x, dict):
-        for v in x.values(): yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x: yield from _tensors(v)
 
 
 def one_cycle_lrs(steps: int) -> list[float]:
