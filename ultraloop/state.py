@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import map_tensors, several_processes
+from .utils import inner_optimizer, map_tensors, several_processes
 
 __all__ = ['learner_state', 'load_learner_state', 'load_weights', 'rng_state', 'set_rng_state', 'save_file', 'load_file',
            'checkpoint_name', 'newest_checkpoint', 'checkpoints', 'run_id', 'cpu_copy', 'Snapshot']
@@ -354,8 +354,7 @@ def _own(model):
 def _opt_name(opt) -> str:
     """The optimiser's class name, the one inside accelerate's AcceleratedOptimizer wrapper where it is wrapped (a run
     resumes with or without the wrapper)."""
-    inner = getattr(opt, 'optimizer', None)
-    return type(inner if isinstance(inner, torch.optim.Optimizer) else opt).__name__
+    return type(inner_optimizer(opt)).__name__
 
 
 def _fsdp(model) -> bool:

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ['is_int', 'is_number', 'check_int', 'check_number', 'map_tensors', 'module_names', 'several_processes']
+__all__ = ['is_int', 'is_number', 'check_int', 'check_number', 'map_tensors', 'module_names', 'several_processes',
+           'inner_optimizer']
 
 
 def is_int(v) -> bool:
@@ -71,3 +72,9 @@ def module_names(model: nn.Module) -> dict[int, str]:
 def several_processes() -> bool:
     """True inside a torch.distributed process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def inner_optimizer(opt):
+    """The torch optimiser inside wrappers (accelerate's AcceleratedOptimizer holds it as `.optimizer`), else `opt`."""
+    while isinstance(getattr(opt, 'optimizer', None), torch.optim.Optimizer): opt = opt.optimizer
+    return opt

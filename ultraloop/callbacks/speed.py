@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from ..learner import Callback, _installed_hooks
-from ..utils import check_int, map_tensors
+from ..utils import check_int, inner_optimizer, map_tensors
 
 __all__ = ['ChannelsLastCB', 'ChannelLastCB', 'CompileCB', 'CudaGraphCB']
 
@@ -122,7 +122,7 @@ class CudaGraphCB(Callback):
         self._stream = torch.cuda.Stream()
         self._host = [cb.after_step for cb in sorted(learn.cbs, key=lambda c: getattr(c, 'order', 0))
                       if getattr(cb, 'cuda_graph_host_after_step', False)]
-        self._opt = opt = _unwrap(learn.opt)
+        self._opt = opt = inner_optimizer(learn.opt)
         self._switched = _make_capturable(opt, set())
         # a checkpoint taken during the fit holds the user's flags, not the fit's: resumed without a graph (or on the
         # CPU, which refuses capturable), it must not step as capturable
@@ -212,12 +212,6 @@ def _end_rng_capture(device) -> None:
 
 
 # ---- hyper-parameters on the device -----------------------------------------------------------------------------------
-def _unwrap(opt):
-    """The torch optimiser inside a wrapper (accelerate's AcceleratedOptimizer holds it as `.optimizer`)."""
-    while isinstance(getattr(opt, 'optimizer', None), torch.optim.Optimizer): opt = opt.optimizer
-    return opt
-
-
 # A slot names one number of a param group: (group index, key, index in a tuple such as betas, or None).
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
