@@ -83,7 +83,7 @@ class AccelerateCB(TrainCB):
 
     def cleanup_fit(self, learn):
         if self._shards is not None: self._shards.end(learn)
-        if self._vote is not None: learn.hold_signals = False
+        if self._vote is not None: self._vote.end(learn)
         self._shards = self._vote = None
 
     def backward(self, learn): self.acc.backward(learn.loss)

@@ -96,9 +96,7 @@ class _Prefetch:
                     # pinned already (a DataLoader with pin_memory=True): copied from where it is, sparing the loop's
                     # thread a second host copy of the batch; torch's pinned-memory allocator keeps that memory from
                     # reuse until the copy on this stream is done
-                    if t.is_pinned(): pass
-                    elif self.reuse_pinned: t = self._pin(t, used)
-                    else: t = t.pin_memory()
+                    if not t.is_pinned(): t = self._pin(t, used) if self.reuse_pinned else t.pin_memory()
                     t = t.to(self.device, non_blocking=True)
                 out.append(t)
             for ev in used: ev.record(self.stream)  # the pinned buffers may be filled again once their copies are done

@@ -117,11 +117,11 @@ class DistributedCB(Callback):
         self.wrapper = None  # the DDP wrapper during a fit, or the FSDP-sharded model
         self.device = torch.device('cpu')
         self._on = self._made_group = False
-        self._shards = None
+        self._shards = self._vote = None
 
     # ---- fit: group, device, wrapper ----------------------------------------------------------------------------
     def before_fit(self, learn):
-        self._on, self._made_group, self._routed, self._shards, self._move = False, False, False, None, False
+        self._on, self._made_group, self._routed, self._shards, self._move, self._vote = False, False, False, None, False, None
         if not dist.is_initialized():
             if not launched(): return  # one process: nothing to do
             if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
@@ -238,7 +238,7 @@ class DistributedCB(Callback):
 
     # ---- end: no collective here (cleanup also runs after a failure, when the other ranks may be gone) -------------
     def cleanup_fit(self, learn):
-        learn.hold_signals = False
+        if self._vote is not None: self._vote.end(learn)
         self._vote = None
         if self._on and self.strategy == 'ddp':
             if self._routed: self._unroute()
@@ -260,7 +260,7 @@ class StopVote:
     process has as many train batches; validation shards may differ by one) and at each validation phase's end
     (`after_epoch`, before MetricsCB's and early stopping's work: a signal in the last one stops the fit on every
     process). A vote is one all_reduce of one number and, on a GPU, one read of it. The largest signal number wins, so
-    SIGTERM (15) over SIGUSR1 (10) over ctrl-C (2). The callback's cleanup_fit sets `learn.hold_signals` back."""
+    SIGTERM (15) over SIGUSR1 (10) over ctrl-C (2). The callback's cleanup_fit calls `end`."""
 
     def __init__(self, learn, every: int, device: torch.device):
         learn.hold_signals = True
@@ -277,6 +277,9 @@ class StopVote:
 
     def after_epoch(self, learn) -> None:
         if not learn.training: self.vote(learn)
+
+    def end(self, learn) -> None:
+        learn.hold_signals = False  # fit's handler turns a signal into a stop itself again
 
     def vote(self, learn) -> None:
         """Stop every process at this batch if a signal reached any (a collective: every process calls it here)."""
